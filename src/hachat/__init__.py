@@ -1,0 +1,3 @@
+"""hachat: a high-availability group-chat server."""
+
+__version__ = "0.1.0"

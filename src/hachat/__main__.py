@@ -1,0 +1,3 @@
+from hachat.cli import main
+
+raise SystemExit(main())

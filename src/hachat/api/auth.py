@@ -1,0 +1,122 @@
+"""Passwords (argon2id), bearer tokens, and the admin rule for /fall and /revive."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from hachat.api.errors import forbidden, unauthorized
+from hachat.http.messages import Request
+from hachat.store import accounts
+
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,32}")
+PASSWORD_MIN, PASSWORD_MAX = 8, 256
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The user a request acts for."""
+
+    user_id: int
+    username: str
+    token: str
+
+
+class Authenticator:
+    """Hashes passwords and resolves bearer tokens, with a small cache of live tokens.
+
+    The cache holds only what this process saw in its current leadership term: the composition
+    root clears it whenever the node becomes active, since another node may have written
+    (revoked tokens) in between. Logout on this node evicts at once.
+    """
+
+    def __init__(self, admin_token: str | None, cache_size: int = 100_000) -> None:
+        self._hasher = PasswordHasher()
+        self._admin_token = admin_token
+        self._cache: OrderedDict[str, Principal] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    # -- passwords ------------------------------------------------------------------
+    def hash_password(self, password: str) -> str:
+        return self._hasher.hash(password)
+
+    def verify_password(self, password_hash: str, password: str) -> bool:
+        try:
+            return self._hasher.verify(password_hash, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+
+    # -- tokens ---------------------------------------------------------------------
+    @staticmethod
+    def bearer(request: Request) -> str | None:
+        value = request.headers.get("authorization")
+        if not value:
+            return None
+        scheme, _, token = value.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or len(token) > 512:
+            return None
+        return token
+
+    def principal(self, request: Request, db) -> Principal:
+        """The token's user, or 401."""
+        token = self.bearer(request)
+        if token is None:
+            raise unauthorized()
+        with self._lock:
+            cached = self._cache.get(token)
+            if cached is not None:
+                self._cache.move_to_end(token)
+                return cached
+        with db.read() as session:
+            user = accounts.user_for_token(session, token)
+            if user is None:
+                raise unauthorized("the token is unknown, expired or revoked; log in again")
+            principal = Principal(user.id, user.username, token)
+        self.remember(principal)
+        return principal
+
+    def remember(self, principal: Principal) -> None:
+        with self._lock:
+            self._cache[principal.token] = principal
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+    def forget(self, token: str) -> None:
+        with self._lock:
+            self._cache.pop(token, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    # -- admin ----------------------------------------------------------------------
+    def is_admin(self, request: Request) -> bool:
+        token = self.bearer(request)
+        return bool(self._admin_token and token
+                    and hmac.compare_digest(token.encode(), self._admin_token.encode()))
+
+    def require_admin(self, request: Request) -> None:
+        """ADMIN_TOKEN when set; without one, loopback clients only."""
+        if self._admin_token:
+            if not self.is_admin(request):
+                raise forbidden("this needs 'Authorization: Bearer <ADMIN_TOKEN>'")
+            return
+        host = request.client_address[0] if request.client_address else ""
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+            mapped = getattr(address, "ipv4_mapped", None)
+            loopback = (mapped or address).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise forbidden("set ADMIN_TOKEN to allow this from other hosts; "
+                            "without it only loopback clients may")

@@ -1,0 +1,83 @@
+"""GET /events (the durable per-user stream, long-polled) and POST /notify/{group}."""
+
+from __future__ import annotations
+
+from hachat.api.chat_routes import _group_id_from_path, _member_or_403
+from hachat.api.context import ApiContext
+from hachat.api.errors import not_found
+from hachat.api.params import Params
+from hachat.api.writes import fenced_write, reading, require_active
+from hachat.http.messages import Deferred, HTTPError, Request, Response, dumps
+from hachat.realtime.events import Event
+from hachat.store import chat
+from hachat.store import events as event_store
+
+PAGE = 500
+
+
+def render_events(events: list[Event], cursor: int) -> Response:
+    """Shared by every waiter, so the hub can render one body for many."""
+    return Response(200, dumps({"events": [e.to_json_obj() for e in events], "cursor": cursor}))
+
+
+def _row_to_event(row) -> Event:
+    from hachat.api.views import iso
+
+    return Event(row.position, row.kind, row.group_id, row.target_user_id, row.payload_dict(),
+                 iso(row.created_at))
+
+
+def events(ctx: ApiContext, request: Request) -> Response | Deferred:
+    params = Params.of(request)
+    since = params.integer("since", required=False, minimum=0)
+    timeout = params.number("timeout", minimum=0, maximum=ctx.settings.poll_timeout_max,
+                            default=ctx.settings.status_timeout_default)
+    require_active(ctx)
+    me = ctx.auth.principal(request, ctx.db)
+    if since is None:
+        return render_events([], ctx.hub.visible_position())
+    for _attempt in range(3):
+        upto = ctx.hub.visible_position()
+        if since > upto:
+            raise HTTPError(410, "cursor_unknown",
+                            f"cursor {since} is ahead of the stream ({upto}); "
+                            "reload with GET /messages and take a fresh cursor from GET /events")
+        with reading(ctx) as session:
+            floor = event_store.stream_floor(session)
+            if since < floor:
+                raise HTTPError(410, "cursor_expired",
+                                f"cursor {since} is older than the retention window; reload "
+                                "history with GET /messages and take a fresh cursor from "
+                                "GET /events", extra={"floor": floor})
+            rows = event_store.events_for_user(session, me.user_id, since, upto, PAGE)
+            if rows:
+                found = [_row_to_event(r) for r in rows]
+                return render_events(found, found[-1].position)
+            group_ids = chat.group_ids_of_user(session, me.user_id)
+        deferred = ctx.hub.wait(me.user_id, frozenset(group_ids), since, upto, timeout,
+                                render_events)
+        if deferred is not None:
+            return deferred
+    return render_events([], since)
+
+
+def notify(ctx: ApiContext, request: Request) -> Response:
+    group_id = _group_id_from_path(request)
+    params = Params.of(request)
+    message = params.value("message")
+    require_active(ctx)
+    sender = None
+    if not ctx.auth.is_admin(request):
+        sender = ctx.auth.principal(request, ctx.db).user_id
+    with fenced_write(ctx) as w:
+        if sender is None:
+            if chat.get_group(w.session, group_id) is None:
+                raise not_found("group", group_id)
+        else:
+            _member_or_403(w.session, group_id, sender)
+        event = w.emit("group.notify", group_id, None, {"message": message, "from": sender})
+    return Response(200, dumps({"status": "notified", "groupId": group_id,
+                                "eventId": event.position}))
+
+
+

@@ -1,0 +1,89 @@
+"""Routes every node serves, whatever its role: root, health, readiness, fall/revive and the
+node-status long-poll (the original API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hachat.api.context import ApiContext
+from hachat.api.params import Params
+from hachat.http.messages import Deferred, HTTPError, Request, Response, dumps, json_response
+
+_NOT_READY_HEADERS = (("Retry-After", "1"),)
+
+
+class HealthCache:
+    """The /health body, rebuilt only when the node's published state changes."""
+
+    __slots__ = ("version", "body")
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.body = b""
+
+
+def root(ctx: ApiContext, request: Request) -> Response:
+    accept = request.headers.get("accept", "")
+    if "text/html" in accept and "index.html" in ctx.static_files:
+        body, content_type = ctx.static_files["index.html"]
+        return Response(200, body, content_type, (("Cache-Control", "no-cache"),))
+    snap = ctx.node.snapshot()
+    return json_response(200, {"service": "hachat", "status": "ok", "node": snap["node"],
+                                "active": snap["active"]})
+
+
+def static(ctx: ApiContext, request: Request) -> Response:
+    name = request.context.get("rest", "")
+    found = ctx.static_files.get(name)
+    if found is None:
+        raise HTTPError(404, "not_found", f"no static file {name!r}", extra={"resource": "file"})
+    body, content_type = found
+    return Response(200, body, content_type, (("Cache-Control", "no-cache"),))
+
+
+def make_health(ctx: ApiContext):
+    cache = HealthCache()
+
+    def health(ctx: ApiContext, request: Request) -> Response:
+        version = ctx.status.version
+        if version != cache.version:
+            cache.body = dumps(ctx.node.snapshot())
+            cache.version = version
+        return Response(200, cache.body)
+
+    return health
+
+
+def ready(ctx: ApiContext, request: Request) -> Response:
+    if ctx.node.is_active:
+        return json_response(200, {"ready": True, "node": ctx.settings.cluster.node_id})
+    return json_response(503, {"ready": False, "error": "not_active",
+                               "message": "this node is not the active node",
+                               "active": ctx.node.leader_url}, _NOT_READY_HEADERS)
+
+
+def fall(ctx: ApiContext, request: Request) -> Response:
+    ctx.auth.require_admin(request)
+    ctx.keeper.fall()
+    return json_response(200, ctx.node.snapshot())
+
+
+def revive(ctx: ApiContext, request: Request) -> Response:
+    ctx.auth.require_admin(request)
+    ctx.keeper.revive()
+    return json_response(200, ctx.node.snapshot())
+
+
+def _render_status(state: dict[str, Any], version: int, changed: bool) -> Response:
+    body = dict(state)
+    body["version"] = version
+    body["changed"] = changed
+    return json_response(200, body)
+
+
+def subscribe_status(ctx: ApiContext, request: Request) -> Response | Deferred:
+    params = Params.of(request)
+    timeout = params.number("timeout", minimum=0, maximum=ctx.settings.poll_timeout_max,
+                            default=ctx.settings.status_timeout_default)
+    since = params.integer("since", required=False, minimum=0)
+    return ctx.status.wait(since, timeout, _render_status)

@@ -1,0 +1,152 @@
+"""Request parameters: a JSON object body and/or the query string, checked field by field.
+
+Every failure names the field and writes nothing: handlers read all parameters before they
+open a transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qsl
+
+from hachat.api.errors import invalid_field, invalid_json
+from hachat.http.messages import Request
+
+INT64_MAX = 2**63 - 1
+_MISSING = object()
+
+
+class Params:
+    """Fields of one request: the JSON body's (when it has one) over the query string's."""
+
+    __slots__ = ("_body", "_query")
+
+    def __init__(self, body: dict[str, Any], query: dict[str, str]) -> None:
+        self._body = body
+        self._query = query
+
+    @classmethod
+    def of(cls, request: Request) -> Params:
+        query = dict(parse_qsl(request.query_string, keep_blank_values=True)) \
+            if request.query_string else {}
+        return cls(parse_json_object(request.body), query)
+
+    def raw(self, name: str) -> tuple[Any, bool]:
+        """The value and whether it came from the query string (so it is text)."""
+        if name in self._body:
+            return self._body[name], False
+        if name in self._query:
+            return self._query[name], True
+        return _MISSING, False
+
+    def has(self, name: str) -> bool:
+        return self.raw(name)[0] is not _MISSING
+
+    def id(self, name: str, *, required: bool = True) -> int | None:
+        """A positive 64-bit integer id."""
+        return self.integer(name, required=required, minimum=1, maximum=INT64_MAX)
+
+    def integer(self, name: str, *, required: bool = True, minimum: int | None = None,
+                maximum: int | None = None, default: int | None = None) -> int | None:
+        value, textual = self.raw(name)
+        if value is _MISSING or value is None or (textual and value == ""):
+            if required:
+                raise invalid_field(name, f"'{name}' is required")
+            return default
+        if textual:
+            text = value.strip()
+            if not (text.isdigit() or (text[:1] == "-" and text[1:].isdigit())) or len(text) > 20:
+                raise invalid_field(name, f"'{name}' must be an integer")
+            value = int(text)
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise invalid_field(name, f"'{name}' must be an integer")
+        low = -(2**63) if minimum is None else minimum
+        high = INT64_MAX if maximum is None else maximum
+        if value < low or value > high:
+            raise invalid_field(name, f"'{name}' must be between {low} and {high}")
+        return value
+
+    def number(self, name: str, *, minimum: float, maximum: float, default: float) -> float:
+        value, textual = self.raw(name)
+        if value is _MISSING or value is None or (textual and value == ""):
+            return default
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+        except (TypeError, ValueError):
+            raise invalid_field(name, f"'{name}' must be a number") from None
+        if not (minimum <= number <= maximum):
+            raise invalid_field(name, f"'{name}' must be between {minimum:g} and {maximum:g}")
+        return number
+
+    def string(self, name: str, *, required: bool = True, max_length: int | None = None,
+               min_length: int = 0) -> str | None:
+        value, _ = self.raw(name)
+        if value is _MISSING or value is None:
+            if required:
+                raise invalid_field(name, f"'{name}' is required")
+            return None
+        if not isinstance(value, str):
+            raise invalid_field(name, f"'{name}' must be a string")
+        if "\x00" in value:
+            raise invalid_field(name, f"'{name}' must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid_field(name, f"'{name}' is not valid Unicode text") from None
+        if len(value) < min_length:
+            raise invalid_field(name, f"'{name}' must have at least {min_length} characters")
+        if max_length is not None and len(value) > max_length:
+            raise invalid_field(name, f"'{name}' must have at most {max_length} characters")
+        return value
+
+    def id_list(self, name: str, *, max_items: int = 1000) -> list[int]:
+        value, textual = self.raw(name)
+        if value is _MISSING or value is None:
+            return []
+        if textual:
+            parts = [p for p in value.split(",") if p.strip()]
+            value = parts
+        if not isinstance(value, list):
+            raise invalid_field(name, f"'{name}' must be a list of ids")
+        if len(value) > max_items:
+            raise invalid_field(name, f"'{name}' may hold at most {max_items} ids")
+        out = []
+        for i, item in enumerate(value):
+            single = Params({name: item} if not textual else {}, {name: item} if textual else {})
+            try:
+                out.append(single.id(name))
+            except Exception:
+                raise invalid_field(name, f"'{name}[{i}]' must be a positive integer id") from None
+        return out
+
+    def value(self, name: str, *, required: bool = True) -> Any:
+        value, _ = self.raw(name)
+        if value is _MISSING:
+            if required:
+                raise invalid_field(name, f"'{name}' is required")
+            return None
+        return value
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """An empty body is an empty object; anything else must be a UTF-8 JSON object."""
+    if not body or body.isspace():
+        return {}
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_json("the body is not valid UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise invalid_json(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise invalid_json("the body must be a JSON object")
+    return value
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in JSON")

@@ -1,0 +1,88 @@
+"""Fenced writes: every write checks, in its own transaction, that this node still holds the
+lease under its epoch, and every event it produces takes a stream position from the hub.
+
+    with fenced_write(ctx) as w:
+        msg = chat.create_message(w.session, ..., epoch=w.epoch)
+        w.emit("message.created", group_id, None, payload)
+
+On commit the hub learns the events; on any failure their positions are abandoned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+from hachat.api.context import ApiContext
+from hachat.api.errors import database_unavailable, not_active
+from hachat.cluster.node import NotActive
+from hachat.realtime.events import Event
+from hachat.store import Fenced, StoreUnavailable
+from hachat.store import events as event_store
+from hachat.store.lease import assert_holder
+
+
+def iso_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class StreamWriter:
+    """The session and epoch of one fenced transaction, plus the events it emits."""
+
+    def __init__(self, ctx: ApiContext, session: Any, epoch: int) -> None:
+        self.ctx = ctx
+        self.session = session
+        self.epoch = epoch
+        self.pending: list[tuple[Any, Event]] = []
+
+    def emit(self, kind: str, group_id: int | None, target_user_id: int | None,
+             payload: dict[str, Any]) -> Event:
+        ticket = self.ctx.hub.reserve()
+        # Registered before the insert so an insert failure still abandons the position.
+        event = Event(ticket.position, kind, group_id, target_user_id, payload, iso_now())
+        self.pending.append((ticket, event))
+        event_store.append_event(self.session, ticket.position, kind, group_id, target_user_id,
+                                 payload, self.epoch)
+        return event
+
+
+def require_active(ctx: ApiContext) -> None:
+    if not ctx.node.is_active:
+        raise not_active(ctx.node.leader_url)
+
+
+@contextmanager
+def fenced_write(ctx: ApiContext) -> Iterator[StreamWriter]:
+    try:
+        node_id, epoch = ctx.node.write_claim()
+    except NotActive:
+        raise not_active(ctx.node.leader_url) from None
+    writer: StreamWriter | None = None
+    committed = False
+    try:
+        with ctx.db.write() as session:
+            assert_holder(session, node_id, epoch)
+            writer = StreamWriter(ctx, session, epoch)
+            yield writer
+        committed = True
+    except Fenced:
+        ctx.node.demote("fenced")
+        raise not_active(ctx.node.leader_url) from None
+    except StoreUnavailable:
+        raise database_unavailable() from None
+    finally:
+        if writer is not None:
+            for ticket, event in writer.pending:
+                ctx.hub.complete(ticket, event if committed else None)
+
+
+@contextmanager
+def reading(ctx: ApiContext) -> Iterator[Any]:
+    """A read transaction, with 'database unreachable' turned into 503."""
+    try:
+        with ctx.db.read() as session:
+            yield session
+    except StoreUnavailable:
+        raise database_unavailable() from None

@@ -1,0 +1,122 @@
+"""Command line: `hachat serve` (default), `hachat db upgrade`, `hachat cluster`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from hachat.settings import SettingsError, load_settings
+
+log = logging.getLogger("hachat")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def mask_url(url: str) -> str:
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    auth, host = rest.rsplit("@", 1)
+    user = auth.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in auth else f"{scheme}://{user}@{host}"
+
+
+def serve() -> int:
+    from hachat.app import HachatNode
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    node = HachatNode(settings)
+    host, port = node.start()
+    log.info("hachat node %s listening on http://%s:%d (database %s, peer %s)",
+             settings.cluster.node_id, host, port, mask_url(settings.database_url),
+             settings.cluster.peer_url or "none")
+
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        if stopping.is_set():
+            return
+        stopping.set()
+        log.info("signal %s: stopping (finishing requests in flight)", signal.Signals(signum).name)
+        threading.Thread(target=node.stop, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.serve_forever()
+    log.info("hachat node %s stopped", settings.cluster.node_id)
+    return 0
+
+
+def db_upgrade() -> int:
+    from hachat.store.db import Database
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    Database(settings.database_url).upgrade()
+    print(f"database schema is up to date: {mask_url(settings.database_url)}")
+    return 0
+
+
+def cluster(ports: tuple[int, int]) -> int:
+    """Run an active and a passive node on two ports sharing one database."""
+    first, second = ports
+    children: list[subprocess.Popen] = []
+    base = dict(os.environ)
+    settings = load_settings()  # also loads .env, so both nodes share its DATABASE settings
+    base.setdefault("DATABASE_URL", settings.database_url)
+    for port, peer, active in ((first, second, "true"), (second, first, "false")):
+        env = dict(base, PORT=str(port), IS_ACTIVE=active, PEER_URL=f"http://127.0.0.1:{peer}",
+                   NODE_ID=f"node-{port}", PUBLIC_URL=f"http://127.0.0.1:{port}")
+        children.append(subprocess.Popen([sys.executable, "-m", "hachat", "serve"], env=env))
+        if active == "true":
+            time.sleep(1.0)  # let the first node take the lease so roles match IS_ACTIVE
+    print(f"hachat cluster: active on :{first}, passive on :{second}; Ctrl-C stops both",
+          flush=True)
+
+    def stop_children(*_args) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_children)
+    signal.signal(signal.SIGINT, stop_children)
+    codes = [child.wait() for child in children]
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hachat", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run one node (settings from the environment and .env)")
+    db = sub.add_parser("db", help="database schema")
+    db.add_argument("action", choices=["upgrade"])
+    cl = sub.add_parser("cluster", help="run an active/passive pair on one machine")
+    cl.add_argument("--ports", default="8080,8081", help="two ports, active first")
+    args = parser.parse_args(argv)
+    try:
+        if args.command in (None, "serve"):
+            return serve()
+        if args.command == "db":
+            return db_upgrade()
+        if args.command == "cluster":
+            a, b = (int(p) for p in args.ports.split(","))
+            return cluster((a, b))
+    except SettingsError as exc:
+        print(f"hachat: bad setting: {exc}", file=sys.stderr)
+        return 2
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""The values that cross between the HTTP layer and an application.
+
+These are the contract of `hachat.http`: the server builds `Request`s, the application
+answers with `Response`s (now) or `Deferred`s (later), and raises `HTTPError` for errors.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact UTF-8 JSON."""
+    return _dumps(obj).encode("utf-8")
+
+
+@dataclass(slots=True)
+class Request:
+    """One parsed request. Header names are lower-case; a repeated header keeps its values
+    joined with ", " in `headers` (the parser-level checks for Host/Content-Length already ran)."""
+
+    method: str
+    target: str  # raw request target, e.g. "/messages?groupId=1"
+    path: str  # percent-decoded path, no query
+    query_string: str
+    headers: dict[str, str]
+    body: bytes
+    http_version: str  # "1.1" or "1.0"
+    client_address: tuple[str, int] | tuple
+    keep_alive: bool = True
+    # Free slot for the application (e.g. the resolved route's path parameters).
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        return self.headers.get(name.lower(), default)
+
+
+@dataclass(slots=True)
+class Response:
+    """A complete response. `body` is sent as is with Content-Length."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+    close: bool = False  # ask the server to close the connection after sending
+
+
+def json_response(status: int, obj: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    return Response(status, dumps(obj), "application/json", tuple(headers))
+
+
+class HTTPError(Exception):
+    """Raise anywhere in a handler: becomes `{"error": code, "message": message}`."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: Iterable[tuple[str, str]] = (), extra: dict[str, Any] | None = None,
+                 close: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = tuple(headers)
+        self.extra = extra or {}
+        self.close = close
+
+    def to_response(self) -> Response:
+        body: dict[str, Any] = {"error": self.code, "message": self.message}
+        body.update(self.extra)
+        return Response(self.status, dumps(body), "application/json", self.headers, self.close)
+
+
+class LoopHandle(Protocol):
+    """What the server's selector loop offers to other layers (the realtime hub)."""
+
+    def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None: ...
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Any: ...
+    def in_loop_thread(self) -> bool: ...
+
+
+class Deferred:
+    """A response that comes later: a parked request, costing no thread while it waits.
+
+    A handler returns one; the server attaches it to the connection on the loop thread and
+    starts its timer. Exactly one of these happens, once, on the loop thread:
+      - `resolve(response)` (from any thread) sends that response;
+      - the timeout passes: `on_timeout()` is called and what it returns is sent;
+      - the client goes away or the server shuts down: `on_cancel()` is called.
+    A `resolve` that arrives before the server attached the deferred is kept and sent at attach.
+    """
+
+    __slots__ = ("timeout", "on_timeout", "on_cancel", "_lock", "_done", "_early",
+                 "_sender", "_loop")
+
+    def __init__(self, timeout: float, on_timeout: Callable[[], Response],
+                 on_cancel: Callable[[], None] | None = None) -> None:
+        self.timeout = timeout
+        self.on_timeout = on_timeout
+        self.on_cancel = on_cancel
+        self._lock = threading.Lock()
+        self._done = False
+        self._early: Response | None = None
+        self._sender: Callable[[Response], None] | None = None
+        self._loop: LoopHandle | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def resolve(self, response: Response) -> bool:
+        """Answer the parked request. Returns False if it was already answered or cancelled."""
+        with self._lock:
+            if self._done:
+                return False
+            sender, loop = self._sender, self._loop
+            if sender is None:
+                if self._early is not None:
+                    return False
+                self._early = response
+                return True
+            self._done = True
+        if loop is None or loop.in_loop_thread():
+            sender(response)
+        else:
+            loop.call_soon_threadsafe(sender, response)
+        return True
+
+    # -- called by the server only, on the loop thread --------------------------------
+    def _attach(self, loop: LoopHandle, sender: Callable[[Response], None]) -> Response | None:
+        """Bind to a connection. Returns a response to send at once if one came early."""
+        with self._lock:
+            self._loop = loop
+            self._sender = sender
+            early = self._early
+            if early is not None:
+                self._done = True
+            return early
+
+    def _expire(self) -> Response | None:
+        with self._lock:
+            if self._done:
+                return None
+            self._done = True
+        return self.on_timeout()
+
+    def _cancel(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        if self.on_cancel is not None:
+            self.on_cancel()
+
+
+class Handler(Protocol):
+    """A route's handler. `blocking` handlers run on a worker thread; others on the loop."""
+
+    blocking: bool
+
+    def __call__(self, request: Request) -> Response | Deferred: ...
+
+
+class Application(Protocol):
+    def resolve(self, request: Request) -> Handler:
+        """Called on the loop thread; must be cheap. Raises HTTPError (404, 405...)."""
+        ...

@@ -65,7 +65,8 @@ class HachatNode:
                                   self._prepare_activation)
         self.ctx = ApiContext(settings=settings, db=self.db, node=self.node, keeper=self.keeper,
                               hub=self.hub, status=self.status, auth=self.auth,
-                              static_files=load_static_files())
+                              static_files=load_static_files(),
+                              server_stats=lambda: self.server.stats())
         self.router = build_router(self.ctx)
         self.node.subscribe(self._on_transition)
         self.status.publish(self.node.snapshot())

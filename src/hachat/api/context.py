@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,3 +27,4 @@ class ApiContext:
     status: StatusWatch
     auth: Authenticator
     static_files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    server_stats: Callable[[], dict] = dict

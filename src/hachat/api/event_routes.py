@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 from hachat.api.chat_routes import _group_id_from_path, _member_or_403
 from hachat.api.context import ApiContext
-from hachat.api.errors import not_found
+from hachat.api.errors import invalid_field, not_found
 from hachat.api.params import Params
 from hachat.api.writes import fenced_write, reading, require_active
 from hachat.http.messages import Deferred, HTTPError, Request, Response, dumps
@@ -13,6 +15,7 @@ from hachat.store import chat
 from hachat.store import events as event_store
 
 PAGE = 500
+NOTIFY_MAX_BYTES = 16 * 1024
 
 
 def render_events(events: list[Event], cursor: int) -> Response:
@@ -65,6 +68,12 @@ def notify(ctx: ApiContext, request: Request) -> Response:
     group_id = _group_id_from_path(request)
     params = Params.of(request)
     message = params.value("message")
+    try:
+        encoded = json.dumps(message, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid_field("message", "'message' is not valid Unicode text") from None
+    if len(encoded) > NOTIFY_MAX_BYTES:
+        raise invalid_field("message", f"'message' must encode to at most {NOTIFY_MAX_BYTES} bytes")
     require_active(ctx)
     sender = None
     if not ctx.auth.is_admin(request):

@@ -87,3 +87,10 @@ def subscribe_status(ctx: ApiContext, request: Request) -> Response | Deferred:
                             default=ctx.settings.status_timeout_default)
     since = params.integer("since", required=False, minimum=0)
     return ctx.status.wait(since, timeout, _render_status)
+
+
+def stats(ctx: ApiContext, request: Request) -> Response:
+    """Counters for operators and tests: connections, parked requests, waiters."""
+    ctx.auth.require_admin(request)
+    return json_response(200, {"node": ctx.node.snapshot(), "http": ctx.server_stats(),
+                               "hub": ctx.hub.stats(), "status": ctx.status.stats()})

@@ -15,6 +15,7 @@ def build_router(ctx: ApiContext) -> Router:
     r.add("GET", "/health", node_routes.make_health(ctx), blocking=False)
     r.add("GET", "/ready", node_routes.ready, blocking=False)
     r.add("GET", "/subscribe/status", node_routes.subscribe_status, blocking=False)
+    r.add("GET", "/stats", node_routes.stats, blocking=False)
     # Everything that touches the database runs on a worker thread.
     r.add("POST", "/fall", node_routes.fall)
     r.add("POST", "/revive", node_routes.revive)

@@ -16,8 +16,8 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def dumps(obj: Any) -> bytes:
-    """Compact UTF-8 JSON."""
-    return _dumps(obj).encode("utf-8")
+    """Compact UTF-8 JSON, ending in a newline so that curl output stays one answer a line."""
+    return (_dumps(obj) + "\n").encode("utf-8")
 
 
 @dataclass(slots=True)

@@ -34,9 +34,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 from hachat.http.messages import Deferred, LoopHandle, Response, dumps
@@ -46,6 +47,8 @@ from .events import Event
 log = logging.getLogger(__name__)
 
 Render = Callable[[list[Event], int], Response]
+
+_consume = deque(maxlen=0).extend  # run an iterator to its end, in C
 
 _RENDER_FAILED = Response(500, dumps({"error": "internal", "message": "could not render events"}))
 
@@ -95,13 +98,6 @@ class _Waiter:
 
     def on_cancel(self) -> None:
         self.hub._unregister(self)
-
-
-def _render_key(render: Render, events: list[Event]) -> tuple:
-    """Cache key for a rendered body: the render callable and the event positions."""
-    if len(events) == 1:
-        return (render, events[0].position)
-    return (render, *[e.position for e in events])
 
 
 class EventHub:
@@ -318,6 +314,40 @@ class EventHub:
             if not s:
                 del self._by_user[w.user_id]
 
+    def _unregister_many_locked(self, waiters: Iterable[_Waiter],
+                                cleared: set[int] | frozenset[int] = frozenset()) -> None:
+        """`_unregister_locked` for many waiters. `cleared`: groups all of whose waiters are
+        among `waiters`; their entries are dropped whole instead of waiter by waiter."""
+        by_group = self._by_group
+        by_user = self._by_user
+        for g in cleared:
+            del by_group[g]
+        touched: set[int] = set()
+        n = 0
+        for w in waiters:
+            if not w.registered:
+                continue
+            w.registered = False
+            n += 1
+            groups = w.group_ids
+            if len(groups) > 4:  # the per-group loop in C
+                rest = groups - cleared if cleared else groups
+                _consume(map(set.discard, map(by_group.__getitem__, rest), repeat(w)))
+                touched |= rest
+            else:
+                for g in groups:
+                    if g not in cleared:
+                        by_group[g].discard(w)
+                        touched.add(g)
+            s = by_user[w.user_id]
+            s.discard(w)
+            if not s:
+                del by_user[w.user_id]
+        for g in touched:
+            if not by_group[g]:
+                del by_group[g]
+        self._count -= n
+
     def _unregister(self, w: _Waiter) -> None:
         with self._lock:
             self._unregister_locked(w)
@@ -343,41 +373,95 @@ class EventHub:
 
     def _fanout(self) -> None:
         """Loop thread: deliver every pending visible event to the waiters it matches."""
-        woken: dict[_Waiter, list[Event]] = {}
         with self._lock:
             events = self._pending
             self._pending = []
             self._fanout_scheduled = False
-            by_group = self._by_group
-            by_user = self._by_user
-            for ev in events:
-                pos = ev.position
-                for s in (by_group.get(ev.group_id) if ev.group_id is not None else None,
-                          by_user.get(ev.target_user_id)
-                          if ev.target_user_id is not None else None):
-                    if not s:
-                        continue
-                    for w in s:
-                        if pos > w.seen_upto:
-                            lst = woken.get(w)
-                            if lst is None:
-                                woken[w] = [ev]
-                            elif lst[-1] is not ev:  # matched by group and by user
-                                lst.append(ev)
-            for w in woken:
-                self._unregister_locked(w)
+            if not events:
+                return
+            if len(events) == 1:
+                single = self._match_one_locked(events[0])
+                if not single:
+                    return
+                batches: list[tuple[list[_Waiter], list[Event]]] = [(single, events)]
+            else:
+                batches = self._match_many_locked(events)
+        for waiters, evs in batches:
+            self._deliver(waiters, evs)
+
+    def _match_one_locked(self, ev: Event) -> list[_Waiter]:
+        """The waiters `ev` wakes (unregistered). The common case: one event, many waiters;
+        kept free of per-waiter allocations."""
+        pos = ev.position
+        g = ev.group_id
+        u = ev.target_user_id
+        hit: list[_Waiter] = []
+        cleared: frozenset[int] = frozenset()
+        if g is not None:
+            members = self._by_group.get(g)
+            if members:
+                hit = [w for w in members if pos > w.seen_upto]
+                if len(hit) == len(members):
+                    cleared = frozenset((g,))
+        if u is not None:
+            mine = self._by_user.get(u)
+            if mine:  # those not already matched through the group
+                hit.extend([w for w in mine if pos > w.seen_upto and g not in w.group_ids])
+        if hit:
+            self._unregister_many_locked(hit, cleared)
+        return hit
+
+    def _match_many_locked(self, events: list[Event]
+                           ) -> list[tuple[list[_Waiter], list[Event]]]:
+        """Several events at once: gather per waiter every event it matches, in order, then
+        group the waiters by the (identical) list of events they get."""
+        by_group = self._by_group
+        by_user = self._by_user
+        woken: dict[_Waiter, list[Event]] = {}
+        for ev in events:
+            pos = ev.position
+            for s in (by_group.get(ev.group_id) if ev.group_id is not None else None,
+                      by_user.get(ev.target_user_id)
+                      if ev.target_user_id is not None else None):
+                if not s:
+                    continue
+                for w in s:
+                    if pos > w.seen_upto:
+                        lst = woken.get(w)
+                        if lst is None:
+                            woken[w] = [ev]
+                        elif lst[-1] is not ev:  # matched by group and by user
+                            lst.append(ev)
         if not woken:
-            return
-        cache: dict[tuple, Response] = {}
+            return []
+        keys = woken.keys()
+        cleared = {g for g in {ev.group_id for ev in events}
+                   if g in by_group and by_group[g] <= keys}
+        self._unregister_many_locked(woken, cleared)
+        groups: dict[tuple[int, ...], tuple[list[_Waiter], list[Event]]] = {}
         for w, evs in woken.items():
-            key: tuple | None = _render_key(w.render, evs)
+            key = tuple([e.position for e in evs])
+            entry = groups.get(key)
+            if entry is None:
+                groups[key] = ([w], evs)
+            else:
+                entry[0].append(w)
+        return list(groups.values())
+
+    def _deliver(self, waiters: list[_Waiter], events: list[Event]) -> None:
+        """Loop thread: answer `waiters`, which all get exactly `events`; render once per
+        distinct render callable so they share one response body."""
+        cursor = events[-1].position
+        cache: dict[Any, Response] = {}
+        for w in waiters:
+            key = w.render
             try:
                 response = cache.get(key)
             except TypeError:  # an unhashable render callable: render per waiter
                 key = response = None
             if response is None:
                 try:
-                    response = w.render(evs, evs[-1].position)
+                    response = w.render(events, cursor)
                 except Exception:
                     log.exception("render failed")
                     response = _RENDER_FAILED

@@ -1,0 +1,62 @@
+"""Bring the database schema to the newest version (the original entry point).
+
+    python database/database.py
+
+Uses the same settings as the server: DATABASE_URL (or the DB_* variables) from the
+environment and `.env`; without them, the SQLite file data/hachat.db.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _import_hachat() -> None:
+    try:
+        import hachat  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(REPO / "src"))
+
+
+def main() -> int:
+    _import_hachat()
+    try:
+        from hachat.settings import SettingsError, load_settings
+        from hachat.store import Database, StoreError
+        from hachat.store.db import mask_url
+    except ImportError as exc:
+        venv = REPO / ".venv"
+        venv_python = venv / "bin" / "python"
+        in_venv = Path(sys.prefix).resolve() == venv.resolve()
+        if venv_python.exists() and not in_venv and not os.environ.get("HACHAT_REEXEC"):
+            # Dependencies live in the project's virtualenv: rerun this script with it.
+            os.environ["HACHAT_REEXEC"] = "1"
+            os.execv(str(venv_python), [str(venv_python), *sys.argv])
+        print(f"error: {exc}; install hachat first (make run / pip install -e .)",
+              file=sys.stderr)
+        return 1
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    db = Database(settings.database_url, pool_size=1)
+    try:
+        db.upgrade()
+        revision = db.schema_revision()
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    print(f"upgraded {mask_url(settings.database_url)} to schema revision {revision}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

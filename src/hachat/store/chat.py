@@ -1,0 +1,171 @@
+"""Groups, memberships and messages. Every function takes a Session from `Database`.
+
+Authorization (is the caller a member?) is the caller's job; these functions only keep the
+data consistent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .errors import NotFound
+from .models import Group, Membership, Message, User, utcnow
+
+__all__ = ["NotFound", "add_member", "create_group", "create_message", "delete_message",
+           "get_group", "get_message", "group_ids_of_user", "groups_of_user", "is_member",
+           "list_messages", "member_ids", "member_users", "remove_member"]
+
+
+def _require_users(s: Session, user_ids: Iterable[int]) -> None:
+    wanted = sorted({int(i) for i in user_ids})
+    if not wanted:
+        return
+    found = set(s.scalars(select(User.id).where(User.id.in_(wanted))))
+    for user_id in wanted:
+        if user_id not in found:
+            raise NotFound("user", user_id)
+
+
+def create_group(s: Session, name: str, creator_id: int, member_ids: Iterable[int]) -> Group:
+    """Create a group; the creator is always a member, duplicates are ignored.
+
+    Raises `NotFound(what="user", id=...)` for the smallest unknown user id.
+    """
+    members = {int(i) for i in member_ids}
+    members.add(int(creator_id))
+    _require_users(s, members)
+    now = utcnow()
+    group = Group(name=name, created_by=int(creator_id), created_at=now)
+    s.add(group)
+    s.flush()
+    s.add_all(Membership(group_id=group.id, user_id=uid, added_at=now) for uid in sorted(members))
+    s.flush()
+    return group
+
+
+def get_group(s: Session, group_id: int) -> Group | None:
+    return s.get(Group, group_id)
+
+
+def is_member(s: Session, group_id: int, user_id: int) -> bool:
+    return s.scalar(
+        select(Membership.user_id)
+        .where(Membership.group_id == group_id, Membership.user_id == user_id)
+    ) is not None
+
+
+def add_member(s: Session, group_id: int, user_id: int) -> bool:
+    """Add a member; False if already one. Raises NotFound for an unknown group or user."""
+    if is_member(s, group_id, user_id):
+        return False
+    if s.get(Group, group_id) is None:
+        raise NotFound("group", group_id)
+    _require_users(s, [user_id])
+    try:
+        with s.begin_nested():
+            s.add(Membership(group_id=group_id, user_id=user_id, added_at=utcnow()))
+            s.flush()
+    except IntegrityError:
+        if is_member(s, group_id, user_id):  # a concurrent add won the race
+            return False
+        raise
+    return True
+
+
+def remove_member(s: Session, group_id: int, user_id: int) -> bool:
+    """Remove a member; False if not one."""
+    result = s.execute(
+        delete(Membership)
+        .where(Membership.group_id == group_id, Membership.user_id == user_id)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def groups_of_user(s: Session, user_id: int) -> list[Group]:
+    return list(s.scalars(
+        select(Group)
+        .join(Membership, Membership.group_id == Group.id)
+        .where(Membership.user_id == user_id)
+        .order_by(Group.id)
+    ))
+
+
+def group_ids_of_user(s: Session, user_id: int) -> set[int]:
+    return set(s.scalars(select(Membership.group_id).where(Membership.user_id == user_id)))
+
+
+def member_users(s: Session, group_id: int) -> list[User]:
+    return list(s.scalars(
+        select(User)
+        .join(Membership, Membership.user_id == User.id)
+        .where(Membership.group_id == group_id)
+        .order_by(User.id)
+    ))
+
+
+def member_ids(s: Session, group_id: int) -> list[int]:
+    return list(s.scalars(
+        select(Membership.user_id).where(Membership.group_id == group_id)
+        .order_by(Membership.user_id)
+    ))
+
+
+def _message_by_client_id(s: Session, user_id: int, client_message_id: str) -> Message | None:
+    return s.scalars(
+        select(Message)
+        .where(Message.user_id == user_id, Message.client_message_id == client_message_id)
+        .execution_options(populate_existing=True)
+    ).first()
+
+
+def create_message(s: Session, user_id: int, group_id: int, content: str, epoch: int,
+                   client_message_id: str | None = None) -> tuple[Message, bool]:
+    """Insert a message; returns (message, created).
+
+    With a `client_message_id` the call is idempotent per user: if that user already sent a
+    message with this id, it is returned with created=False (whatever group/content was given
+    this time). A concurrent duplicate insert is caught with a SAVEPOINT and re-selected.
+    """
+    if client_message_id is not None:
+        existing = _message_by_client_id(s, user_id, client_message_id)
+        if existing is not None:
+            return existing, False
+    message = Message(group_id=group_id, user_id=user_id, content=content, epoch=int(epoch),
+                      client_message_id=client_message_id, created_at=utcnow())
+    try:
+        with s.begin_nested():
+            s.add(message)
+            s.flush()
+    except IntegrityError:
+        if client_message_id is not None:
+            existing = _message_by_client_id(s, user_id, client_message_id)
+            if existing is not None:
+                return existing, False
+        raise
+    return message, True
+
+
+def get_message(s: Session, message_id: int) -> Message | None:
+    return s.get(Message, message_id)
+
+
+def delete_message(s: Session, message_id: int) -> bool:
+    """Delete a message row; False if there was none. (Redact its events separately with
+    `events.redact_message_events`.)"""
+    # Default synchronize_session: a loaded copy in this session is marked deleted too.
+    result = s.execute(delete(Message).where(Message.id == message_id))
+    return result.rowcount == 1
+
+
+def list_messages(s: Session, group_id: int, before: int | None = None,
+                  limit: int = 50) -> list[Message]:
+    """Newest first; only ids < `before` when given."""
+    query = select(Message).where(Message.group_id == group_id)
+    if before is not None:
+        query = query.where(Message.id < before)
+    return list(s.scalars(query.order_by(Message.id.desc()).limit(max(0, int(limit)))))

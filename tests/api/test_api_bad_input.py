@@ -1,0 +1,139 @@
+"""Every class of bad input gets a 4xx JSON answer naming the problem, and writes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from support import ChatUser, call
+
+
+@pytest.fixture(scope="module")
+def pair(api_node):
+    import os
+    tag = os.getpid()
+    ana = ChatUser(api_node.url, f"bad_ana_{tag}")
+    bea = ChatUser(api_node.url, f"bad_bea_{tag}")
+    gid = ana("POST", "/groups", {"name": "bad", "memberIds": [bea.id]}).json["id"]
+    return ana, bea, gid
+
+
+def _count(user, gid):
+    return len(user("GET", "/messages", {"groupId": gid, "limit": 200}).json["messages"])
+
+
+BAD_POSTS = [
+    # (body, status, field)
+    (b"not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (b'"text"', 400, None),
+    (b"\xff\xfe{}", 400, None),
+    (b'{"groupId": 1, "content": NaN}', 400, None),
+    ({"content": "x"}, 422, "groupId"),
+    ({"groupId": "abc", "content": "x"}, 422, "groupId"),
+    ({"groupId": 1.5, "content": "x"}, 422, "groupId"),
+    ({"groupId": True, "content": "x"}, 422, "groupId"),
+    ({"groupId": 2**63, "content": "x"}, 422, "groupId"),
+    ({"groupId": -1, "content": "x"}, 422, "groupId"),
+    ({"groupId": 0, "content": "x"}, 422, "groupId"),
+    ({"GROUP": 1}, 422, "groupId"),
+    ({"groupId": "GID"}, 422, "content"),
+    ({"groupId": "GID", "content": ""}, 422, "content"),
+    ({"groupId": "GID", "content": "   \n\t"}, 422, "content"),
+    ({"groupId": "GID", "content": 12}, 422, "content"),
+    ({"groupId": "GID", "content": None}, 422, "content"),
+    ({"groupId": "GID", "content": "x" * 4001}, 422, "content"),
+    ({"groupId": "GID", "content": "a\u0000b"}, 422, "content"),
+    ({"groupId": "GID", "content": "\ud800"}, 422, "content"),
+    ({"groupId": "GID", "content": "x", "clientMessageId": ""}, 422, "clientMessageId"),
+    ({"groupId": "GID", "content": "x", "clientMessageId": 5}, 422, "clientMessageId"),
+    ({"groupId": "GID", "content": "x", "userId": "me"}, 422, "userId"),
+]
+
+
+@pytest.mark.parametrize("body,status,field", BAD_POSTS)
+def test_bad_message_posts_write_nothing(api_node, pair, body, status, field):
+    ana, _, gid = pair
+    before = _count(ana, gid)
+    if isinstance(body, dict):
+        body = {k: (gid if v == "GID" else v) for k, v in body.items()}
+    reply = ana("POST", "/messages", body)
+    assert reply.status == status, reply.raw
+    assert set(reply.json) >= {"error", "message"}
+    if field:
+        assert reply.json["field"] == field
+        assert field in reply.json["message"]
+    assert _count(ana, gid) == before
+
+
+def test_unknown_things_are_404(api_node, pair):
+    ana, _, gid = pair
+    assert ana("POST", "/messages", {"groupId": 9_000_000, "content": "x"}).status == 404
+    assert ana("GET", "/messages", {"groupId": 9_000_000}).status == 404
+    assert ana("DELETE", "/messages", {"messageId": 9_000_000}).status == 404
+    assert ana("GET", "/group-users", {"groupId": 9_000_000}).status == 404
+    assert ana("POST", "/groups", {"name": "g", "memberIds": [9_000_000]}).status == 404
+    assert ana("GET", "/no/such/route").status == 404
+
+
+def test_wrong_method_is_405_with_allow(api_node):
+    reply = call(api_node.url, "PUT", "/messages", {})
+    assert reply.status == 405
+    assert set(reply.headers["allow"].split(", ")) == {"GET", "POST", "DELETE"}
+    assert reply.json["error"] == "method_not_allowed"
+
+
+def test_impersonation_is_403(api_node, pair):
+    ana, bea, gid = pair
+    before = _count(ana, gid)
+    reply = ana("POST", "/messages", {"userId": bea.id, "groupId": gid, "content": "as bea"})
+    assert reply.status == 403
+    assert ana("GET", "/chats", {"userId": bea.id}).status == 403
+    assert _count(ana, gid) == before
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer nope", "Basic abc", "Bearer", "bearer  "])
+def test_missing_or_bad_token_is_401(api_node, pair, auth):
+    _, _, gid = pair
+    headers = {"Authorization": auth} if auth else {}
+    reply = call(api_node.url, "POST", "/messages", {"groupId": gid, "content": "x"},
+                 headers=headers)
+    assert reply.status == 401 and reply.json["error"] == "unauthorized"
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"password": "longenough"}, "username"),
+    ({"username": "", "password": "longenough"}, "username"),
+    ({"username": "x" * 33, "password": "longenough"}, "username"),
+    ({"username": "bad name", "password": "longenough"}, "username"),
+    ({"username": "ümlaut", "password": "longenough"}, "username"),
+    ({"username": 5, "password": "longenough"}, "username"),
+    ({"username": "okname"}, "password"),
+    ({"username": "okname", "password": "short"}, "password"),
+    ({"username": "okname", "password": "x" * 257}, "password"),
+])
+def test_bad_logins(api_node, body, field):
+    reply = call(api_node.url, "POST", "/login", body)
+    assert reply.status == 422 and reply.json["field"] == field
+
+
+def test_bad_query_params(api_node, pair):
+    ana, _, gid = pair
+    for query, field in [(f"groupId={gid}&limit=0", "limit"), (f"groupId={gid}&limit=201", "limit"),
+                         (f"groupId={gid}&limit=x", "limit"), ("groupId=1e3", "groupId"),
+                         (f"groupId={gid}&before=-4", "before"),
+                         ("groupId=99999999999999999999999", "groupId")]:
+        reply = ana("GET", f"/messages?{query}")
+        assert reply.status == 422 and reply.json["field"] == field, (query, reply.raw)
+    for query, field in [("since=abc", "since"), ("since=-1", "since"),
+                         ("since=0&timeout=61", "timeout"), ("since=0&timeout=x", "timeout")]:
+        reply = ana("GET", f"/events?{query}")
+        assert reply.status == 422 and reply.json["field"] == field, (query, reply.raw)
+    assert call(api_node.url, "GET", "/subscribe/status?timeout=-1").status == 422
+
+
+def test_admin_routes_need_the_admin_token(api_node, pair):
+    ana, _, _ = pair
+    assert call(api_node.url, "POST", "/fall").status == 403
+    assert ana("POST", "/fall").status == 403
+    assert call(api_node.url, "POST", "/revive", token="wrong").status == 403
+    assert call(api_node.url, "GET", "/health").json["status"] == "alive"

@@ -1,0 +1,190 @@
+"""The durable event stream: long-poll wake-ups, cursors, ordering and exactly-once, privacy."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from support import ChatUser, call
+
+
+def _follow(user, cursor, want, deadline=20.0):
+    """Read events from `cursor` until `want(events)` is true; returns (events, cursor)."""
+    seen = []
+    end = time.monotonic() + deadline
+    while time.monotonic() < end and not want(seen):
+        reply = user("GET", f"/events?since={cursor}&timeout=2", timeout=10)
+        assert reply.status == 200, reply.raw
+        seen.extend(reply.json["events"])
+        cursor = reply.json["cursor"]
+    return seen, cursor
+
+
+def test_cursor_then_created_and_deleted(api_node, unique):
+    ana, bea = ChatUser(api_node.url, unique("ea")), ChatUser(api_node.url, unique("eb"))
+    gid = ana("POST", "/groups", {"name": "ev", "memberIds": [bea.id]}).json["id"]
+    start = bea("GET", "/events").json
+    assert start["events"] == [] and isinstance(start["cursor"], int)
+    mid = ana("POST", "/messages", {"groupId": gid, "content": "hello"}).json["id"]
+    ana("DELETE", "/messages", {"messageId": mid})
+    events, _ = _follow(bea, start["cursor"], lambda ev: len(ev) >= 2)
+    assert [e["type"] for e in events] == ["message.created", "message.deleted"]
+    assert events[0]["data"]["id"] == mid and events[1]["data"] == {"id": mid, "groupId": gid}
+    assert events[0]["id"] < events[1]["id"]
+    # the deleted message's content is gone from the stream too
+    replay = bea("GET", f"/events?since={start['cursor']}&timeout=0").json["events"]
+    assert replay[0]["data"].get("content") in (None, "")
+
+
+def test_waiting_poll_wakes_on_a_new_message(api_node, unique):
+    ana, bea = ChatUser(api_node.url, unique("wa")), ChatUser(api_node.url, unique("wb"))
+    gid = ana("POST", "/groups", {"name": "wake", "memberIds": [bea.id]}).json["id"]
+    cursor = bea("GET", "/events").json["cursor"]
+    threading.Timer(0.5, lambda: ana("POST", "/messages",
+                                     {"groupId": gid, "content": "ping"})).start()
+    started = time.monotonic()
+    reply = bea("GET", f"/events?since={cursor}&timeout=20")
+    elapsed = time.monotonic() - started
+    assert reply.status == 200
+    assert [e["data"]["content"] for e in reply.json["events"]] == ["ping"]
+    assert 0.3 < elapsed < 5, elapsed
+
+
+def test_timeout_is_honoured_with_the_same_cursor(api_node, unique):
+    ana = ChatUser(api_node.url, unique("to"))
+    ana("POST", "/groups", {"name": "quiet"})
+    cursor = ana("GET", "/events").json["cursor"]
+    started = time.monotonic()
+    reply = ana("GET", f"/events?since={cursor}&timeout=1")
+    elapsed = time.monotonic() - started
+    assert reply.json == {"events": [], "cursor": cursor}
+    assert 0.9 <= elapsed < 2.0, elapsed
+
+
+def test_non_members_never_receive(api_node, unique):
+    ana, eve = ChatUser(api_node.url, unique("pa")), ChatUser(api_node.url, unique("pe"))
+    gid = ana("POST", "/groups", {"name": "private"}).json["id"]
+    cursor = eve("GET", "/events").json["cursor"]
+    ana("POST", "/messages", {"groupId": gid, "content": "secret"})
+    ana("POST", f"/notify/{gid}", {"message": "psst"})
+    reply = eve("GET", f"/events?since={cursor}&timeout=1").json
+    assert reply["events"] == []
+
+
+def test_removed_member_stops_seeing_the_group(api_node, unique):
+    ana, bea = ChatUser(api_node.url, unique("ra")), ChatUser(api_node.url, unique("rb"))
+    gid = ana("POST", "/groups", {"name": "rm", "memberIds": [bea.id]}).json["id"]
+    cursor = bea("GET", "/events").json["cursor"]
+    ana("DELETE", f"/groups/{gid}/members", {"userId": bea.id})
+    ana("POST", "/messages", {"groupId": gid, "content": "after removal"})
+    events, _ = _follow(bea, cursor, lambda ev: any(e["type"] == "member.removed" for e in ev),
+                        deadline=5)
+    types = [e["type"] for e in events]
+    assert "member.removed" in types and "message.created" not in types
+    again = bea("GET", f"/events?since={cursor}&timeout=0").json["events"]
+    assert all(e["type"] != "message.created" for e in again)
+
+
+def test_member_added_while_waiting_sees_the_group(api_node, unique):
+    ana, bea = ChatUser(api_node.url, unique("ma")), ChatUser(api_node.url, unique("mb"))
+    gid = ana("POST", "/groups", {"name": "join"}).json["id"]
+    cursor = bea("GET", "/events").json["cursor"]
+    result = {}
+
+    def wait():
+        result["events"], result["cursor"] = _follow(
+            bea, cursor, lambda ev: any(e["type"] == "message.created" for e in ev), deadline=10)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.5)
+    ana("POST", f"/groups/{gid}/members", {"userId": bea.id})
+    ana("POST", "/messages", {"groupId": gid, "content": "welcome"})
+    waiter.join(15)
+    types = [e["type"] for e in result["events"]]
+    assert types[-1] == "message.created" and "member.added" in types
+    ids = [e["id"] for e in result["events"]]
+    assert ids == sorted(set(ids))
+
+
+def test_concurrent_writers_every_event_once_in_order(api_node, unique):
+    writers = [ChatUser(api_node.url, unique(f"cw{i}")) for i in range(6)]
+    reader = ChatUser(api_node.url, unique("cr"))
+    gid = writers[0]("POST", "/groups", {
+        "name": "busy", "memberIds": [w.id for w in writers[1:]] + [reader.id]}).json["id"]
+    cursor = reader("GET", "/events").json["cursor"]
+    per_writer = 25
+    posted: list[int] = []
+    lock = threading.Lock()
+
+    def write(user):
+        for i in range(per_writer):
+            reply = user("POST", "/messages", {"groupId": gid, "content": f"{user.username}-{i}"})
+            assert reply.status == 201
+            with lock:
+                posted.append(reply.json["id"])
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in writers]
+    for t in threads:
+        t.start()
+    events, _ = _follow(reader, cursor,
+                        lambda ev: sum(e["type"] == "message.created" for e in ev)
+                        >= per_writer * len(writers), deadline=60)
+    for t in threads:
+        t.join()
+    created = [e for e in events if e["type"] == "message.created"]
+    positions = [e["id"] for e in events]
+    assert positions == sorted(positions) and len(positions) == len(set(positions))
+    assert sorted(e["data"]["id"] for e in created) == sorted(posted)
+    # each writer's own messages arrive in the order it sent them
+    for w in writers:
+        mine = [e["data"]["content"] for e in created if e["data"]["userId"] == w.id]
+        assert mine == [f"{w.username}-{i}" for i in range(per_writer)]
+
+
+def test_resume_after_reconnect_loses_nothing(api_node, unique):
+    ana, bea = ChatUser(api_node.url, unique("sa")), ChatUser(api_node.url, unique("sb"))
+    gid = ana("POST", "/groups", {"name": "resume", "memberIds": [bea.id]}).json["id"]
+    cursor = bea("GET", "/events").json["cursor"]
+    for i in range(5):
+        ana("POST", "/messages", {"groupId": gid, "content": f"while away {i}"})
+    # a brand-new connection resumes from the old cursor
+    events, cursor2 = _follow(bea, cursor, lambda ev: len(ev) >= 5)
+    assert [e["data"]["content"] for e in events] == [f"while away {i}" for i in range(5)]
+    assert bea("GET", f"/events?since={cursor2}&timeout=0").json["events"] == []
+
+
+def test_cursor_ahead_of_the_stream_is_refused(api_node, unique):
+    ana = ChatUser(api_node.url, unique("fc"))
+    reply = ana("GET", "/events?since=999999999999&timeout=0")
+    assert reply.status == 410
+
+
+def test_disconnected_waiters_are_dropped(api_node, unique):
+    ana = ChatUser(api_node.url, unique("dw"))
+    ana("POST", "/groups", {"name": "dw"})
+    cursor = ana("GET", "/events").json["cursor"]
+    before = call(api_node.url, "GET", "/stats", token="admin-secret").json
+    socks = []
+    for _ in range(50):
+        s = socket.create_connection(("127.0.0.1", api_node.port))
+        s.sendall(f"GET /events?since={cursor}&timeout=30 HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: Bearer {ana.token}\r\n\r\n".encode())
+        socks.append(s)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = call(api_node.url, "GET", "/stats", token="admin-secret").json
+        if stats["hub"]["waiters"] >= before["hub"]["waiters"] + 50:
+            break
+        time.sleep(0.05)
+    assert stats["hub"]["waiters"] >= before["hub"]["waiters"] + 50
+    for s in socks:
+        s.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        stats = call(api_node.url, "GET", "/stats", token="admin-secret").json
+        if stats["hub"]["waiters"] <= before["hub"]["waiters"]:
+            break
+        time.sleep(0.05)
+    assert stats["hub"]["waiters"] <= before["hub"]["waiters"]

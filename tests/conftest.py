@@ -1,0 +1,65 @@
+"""Shared fixtures: database backends (SQLite always, PostgreSQL required in CI) and real nodes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+
+from support import NodeProcess
+
+_names = itertools.count(1)
+
+
+def require_pg() -> None:
+    """Skip (locally) or fail (CI) when PostgreSQL is not reachable."""
+    import dbutil
+
+    if dbutil.pg_available():
+        return
+    if os.environ.get("CI") == "true" or os.environ.get("HACHAT_REQUIRE_PG") == "1":
+        pytest.fail("PostgreSQL at 127.0.0.1:5432 is required (CI) but does not answer")
+    pytest.skip("PostgreSQL at 127.0.0.1:5432 is not running")
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def backend_url(request, tmp_path_factory) -> str:
+    """A fresh, empty database of each kind for the session."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'hachat.db'}"
+    require_pg()
+    import dbutil
+
+    url = dbutil.create_pg_database()
+    request.addfinalizer(lambda: dbutil.drop_pg_database(url))
+    return url
+
+
+@pytest.fixture(scope="session")
+def api_node(backend_url, tmp_path_factory) -> NodeProcess:
+    """One active node (no peer) per backend, shared by the API tests of the session."""
+    workdir = tmp_path_factory.mktemp("node")
+    node = NodeProcess({"DATABASE_URL": backend_url, "IS_ACTIVE": "true", "PEER_URL": "",
+                        "ADMIN_TOKEN": "admin-secret"}, workdir, name="api-node")
+    node.start()
+    node.wait_active()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def unique():
+    """Unique, valid usernames per call: unique('ana') -> 'ana_17_4242'."""
+    pid = os.getpid() % 10000
+
+    def make(prefix: str = "u") -> str:
+        return f"{prefix}_{next(_names)}_{pid}"
+
+    return make
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    return tmp_path

@@ -1,0 +1,153 @@
+"""Helpers for tests that talk to real hachat processes over real sockets."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A port the kernel says is free right now (bind to 0, read it, release it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    raw: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.raw) if self.raw else None
+
+
+def call(base: str, method: str, path: str, body: Any = None, *, token: str | None = None,
+         headers: dict[str, str] | None = None, timeout: float = 10.0) -> Reply:
+    """One request on a fresh connection. `body` may be bytes (sent as is) or JSON-able."""
+    parts = urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        hdrs = dict(headers or {})
+        if token:
+            hdrs["Authorization"] = f"Bearer {token}"
+        data = None
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+class NodeProcess:
+    """`python -m hachat serve` in its own process, with its own environment and log file."""
+
+    def __init__(self, env: dict[str, str], workdir: Path, name: str = "node") -> None:
+        self.port = int(env.get("PORT") or free_port())
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "HOST": "127.0.0.1", "LOG_LEVEL": "INFO",
+                    "NODE_ID": name, "PUBLIC_URL": self.url, **env, "PORT": str(self.port)}
+        for key in ("DB_USER", "DB_PASSWORD", "DB_HOST", "DB_PORT", "DB_NAME"):
+            if key not in env:
+                self.env.pop(key, None)
+        self.workdir = workdir
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True, timeout: float = 20.0) -> NodeProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "hachat", "serve"], env=self.env,
+                                     cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        if wait:
+            self.wait_health(timeout)
+        return self
+
+    def wait_health(self, timeout: float = 20.0) -> dict:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                reply = call(self.url, "GET", "/health", timeout=1.0)
+                if reply.status == 200:
+                    return reply.json
+            except OSError as exc:
+                last = exc
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} did not answer /health: {last}\n{self.log()}")
+
+    def wait_active(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if call(self.url, "GET", "/health", timeout=1.0).json.get("active"):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} did not become active\n{self.log()}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+
+class ChatUser:
+    """A logged-in user, for tests."""
+
+    def __init__(self, base: str, username: str, password: str = "password123") -> None:
+        self.base = base
+        reply = call(base, "POST", "/login", {"username": username, "password": password})
+        assert reply.status in (200, 201), reply.raw
+        self.id: int = reply.json["userId"]
+        self.username = username
+        self.token: str = reply.json["token"]
+
+    def __call__(self, method: str, path: str, body: Any = None, **kw: Any) -> Reply:
+        return call(self.base, method, path, body, token=self.token, **kw)

@@ -323,3 +323,57 @@ def test_fanout_to_5000_waiters_renders_one_body(loop, hub):
     for p in others:
         p.cancel()
     assert zero_stats(hub)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fanout_matches_brute_force(seed):
+    """Random waiters (groups, users, cursors) and random batches, against a brute force."""
+    import random
+
+    rnd = random.Random(seed)
+    lp = FakeLoop()
+    hub = EventHub(lp)
+    hub.reset(100)
+    render = CountingRender()
+    waiters = []  # (user, groups, seen_upto, sent list)
+    for _ in range(60):
+        if rnd.random() < 0.3:  # advance the horizon with an event nobody watches
+            publish(hub, group=999)
+            lp.run_pending()
+        user = rnd.randrange(8)
+        groups = set(rnd.sample(range(10), rnd.randrange(0, 7)))
+        upto = hub.visible_position()
+        d = hub.wait(user, groups, upto, upto, 30, render)
+        sent: list = []
+        assert d._attach(lp, sent.append) is None
+        waiters.append((user, groups, upto, sent))
+    n = rnd.choice((1, 1, 2, 5))
+    tickets = [hub.reserve() for _ in range(n)]
+    events = []
+    for t in tickets:
+        kind = rnd.random()
+        if kind < 0.15:
+            events.append(None)  # rolled back
+        else:
+            g = rnd.randrange(10) if kind < 0.8 else None
+            u = rnd.randrange(8) if kind > 0.6 else None
+            events.append(ev(t.position, group=g, user=u))
+    order = list(range(n))
+    rnd.shuffle(order)
+    for i in order:
+        hub.complete(tickets[i], events[i])
+    lp.run_pending()
+    for user, groups, upto, sent in waiters:
+        expected = [e.to_json_obj() for e in events if e is not None and e.position > upto
+                    and (e.group_id in groups or e.target_user_id == user)]
+        if expected:
+            assert len(sent) == 1
+            assert body(sent[0]) == {"events": expected, "cursor": expected[-1]["id"]}
+        else:
+            assert sent == []
+    still = sum(1 for *_, sent in waiters if not sent)
+    s = hub.stats()
+    assert s["waiters"] == still
+    assert s["users"] == len({u for u, _, _, sent in waiters if not sent})
+    assert s["groups"] == len({g for _, gs, _, sent in waiters if not sent for g in gs})
+    assert all(hub._by_group.values()) and all(hub._by_user.values())

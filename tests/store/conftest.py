@@ -18,7 +18,6 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 import dbutil  # noqa: E402
-
 from hachat.store import Database  # noqa: E402
 
 BACKENDS = [

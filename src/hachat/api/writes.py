@@ -60,12 +60,13 @@ def fenced_write(ctx: ApiContext) -> Iterator[StreamWriter]:
     except NotActive:
         raise not_active(ctx.node.leader_url) from None
     writer: StreamWriter | None = None
-    committed = False
+    committed = body_done = False
     try:
         with ctx.db.write() as session:
             assert_holder(session, node_id, epoch)
             writer = StreamWriter(ctx, session, epoch)
             yield writer
+            body_done = True
         committed = True
     except Fenced:
         ctx.node.demote("fenced")
@@ -73,9 +74,13 @@ def fenced_write(ctx: ApiContext) -> Iterator[StreamWriter]:
     except StoreUnavailable:
         raise database_unavailable() from None
     finally:
-        if writer is not None:
+        if writer is not None and writer.pending:
             for ticket, event in writer.pending:
                 ctx.hub.complete(ticket, event if committed else None)
+            if body_done and not committed:
+                # The commit failed: it may still have happened. Make every waiter re-read
+                # the database rather than let one skip a row the hub never saw.
+                ctx.hub.requery_all()
 
 
 @contextmanager

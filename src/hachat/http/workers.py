@@ -27,7 +27,6 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._stopped = False
-        self.busy = 0  # tasks running now (approximate outside the GIL's view; for stats)
 
     def start(self) -> None:
         with self._lock:
@@ -48,13 +47,10 @@ class WorkerPool:
             if item is None:
                 return
             fn, args = item
-            self.busy += 1
             try:
                 fn(*args)
             except BaseException:
                 log.exception("uncaught error in worker task %r", fn)
-            finally:
-                self.busy -= 1
 
     def stop(self, timeout: float | None = None) -> bool:
         """Let queued tasks finish, then end the threads. Returns True if all ended in time."""

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 Render = Callable[[list[Event], int], Response]
 
+# Events that change who belongs to a group; their target is the member concerned.
+MEMBERSHIP_KINDS = frozenset({"member.added", "member.removed"})
+
 _consume = deque(maxlen=0).extend  # run an iterator to its end, in C
 
 _RENDER_FAILED = Response(500, dumps({"error": "internal", "message": "could not render events"}))
@@ -241,6 +244,9 @@ class EventHub:
                             break
                         if ev.group_id in groups or ev.target_user_id == user_id:
                             matched.append(ev)
+                if any(ev.target_user_id == user_id and ev.kind in MEMBERSHIP_KINDS
+                       for ev in matched):
+                    return None  # membership changed since the caller's query: re-query
                 if not matched:
                     waiter = _Waiter(self, user_id, groups, since, seen_upto, timeout, render)
                     self._register_locked(waiter)
@@ -261,6 +267,16 @@ class EventHub:
             self._closed = response
             waiters = self._take_all_locked()
         return sum(1 for w in waiters if w.deferred.resolve(response))
+
+    def requery_all(self) -> int:
+        """Answer every parked waiter with no events and its own cursor, so each re-reads the
+        database. For when a commit's outcome is unknown: its row may exist without the hub
+        having seen it, and no waiter may skip past it."""
+        with self._lock:
+            waiters = self._take_all_locked()
+        if waiters:
+            self._loop.call_soon_threadsafe(self._answer_empty, waiters)
+        return len(waiters)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -453,7 +469,15 @@ class EventHub:
         distinct render callable so they share one response body."""
         cursor = events[-1].position
         cache: dict[Any, Response] = {}
+        # A waiter whose own membership changed parked with a stale set of groups: answer it
+        # with no events and its own cursor, so that it re-reads the database with the new
+        # membership (the same answer a client resuming from that cursor would get).
+        regrouped = {e.target_user_id for e in events
+                     if e.target_user_id is not None and e.kind in MEMBERSHIP_KINDS}
         for w in waiters:
+            if regrouped and w.user_id in regrouped:
+                self._answer_empty([w])
+                continue
             key = w.render
             try:
                 response = cache.get(key)

@@ -217,10 +217,10 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A Session in a read-only transaction. Loaded objects stay usable after the block."""
-        with self._translate(), Session(self._read_engine, expire_on_commit=False) as session:
-            # Ends with COMMIT, not ROLLBACK: a rollback would expire every loaded object.
-            with session.begin():
-                yield session
+        # Ends with COMMIT, not ROLLBACK: a rollback would expire every loaded object.
+        with (self._translate(), Session(self._read_engine, expire_on_commit=False) as session,
+              session.begin()):
+            yield session
 
     @contextmanager
     def write(self) -> Iterator[Session]:
@@ -228,9 +228,9 @@ class Database:
 
         Do not nest `write()` inside `write()` on SQLite: the write pool has one connection.
         """
-        with self._translate(), Session(self._write_engine, expire_on_commit=False) as session:
-            with session.begin():
-                yield session
+        with (self._translate(), Session(self._write_engine, expire_on_commit=False) as session,
+              session.begin()):
+            yield session
 
     # -- maintenance ----------------------------------------------------------------------------
 

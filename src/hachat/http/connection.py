@@ -1,0 +1,707 @@
+"""One client connection: an explicit state machine around `httptools.HttpRequestParser`.
+
+Everything here runs on the loop thread, except `_run_blocking` (a worker thread), which only
+calls the handler and hands the result back with `call_soon_threadsafe`.
+
+Requests are parsed ahead (pipelining) into `_pending`, but handled one at a time and answered
+strictly in order. After a request that breaks the rules nothing more is parsed: the requests
+before it are answered, then the error (with `Connection: close`), then the connection closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import deque
+from enum import Enum
+from functools import partial
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
+
+from hachat.http.loop import EV_ERR, EV_HUP, EV_READ, EV_WRITE
+from hachat.http.messages import Deferred, HTTPError, Request, Response
+from hachat.http.wire import (
+    CONN_CLOSE,
+    CONN_KEEP_ALIVE,
+    CONTINUE,
+    internal_error,
+    render,
+)
+
+if TYPE_CHECKING:
+    from hachat.http.server import HTTPServer
+
+log = logging.getLogger("hachat.http")
+
+PIPELINE_MAX = 32  # parsed-ahead requests per connection before we stop reading
+PIPELINE_RESUME = 8
+LINGER_SECONDS = 2.0  # after an error response: wait this long for the client's FIN
+LINGER_MAX_BYTES = 1 << 20  # ... discarding at most this much input
+
+
+class ConnState(Enum):
+    IDLE = 0  # no request in progress; waiting for the first byte of the next one
+    READING = 1  # part of a request has arrived (headers or body incomplete)
+    HANDLING = 2  # a complete request is with its handler (inline or on a worker)
+    PARKED = 3  # the handler returned a Deferred: waiting for resolve / timeout / cancel
+    WRITING = 4  # a response is partly sent; the rest waits for the socket
+    CLOSING = 5  # the last response is going out; then input is drained until FIN
+    CLOSED = 6
+
+    def __init__(self, value: int) -> None:
+        self.bit = 1 << value
+        self.allowed = 0  # filled from TRANSITIONS below
+
+
+S = ConnState
+# Every allowed transition, in one place.
+TRANSITIONS: dict[ConnState, tuple[ConnState, ...]] = {
+    S.IDLE: (S.IDLE, S.READING, S.HANDLING, S.CLOSING, S.CLOSED),
+    S.READING: (S.READING, S.HANDLING, S.CLOSING, S.CLOSED),
+    S.HANDLING: (S.HANDLING, S.PARKED, S.WRITING, S.IDLE, S.READING, S.CLOSING, S.CLOSED),
+    S.PARKED: (S.HANDLING, S.CLOSED),
+    S.WRITING: (S.HANDLING, S.IDLE, S.READING, S.CLOSING, S.CLOSED),
+    S.CLOSING: (S.CLOSED,),
+    S.CLOSED: (),
+}
+for _state, _targets in TRANSITIONS.items():
+    _state.allowed = sum(t.bit for t in _targets)
+
+IDLE, READING, HANDLING, PARKED, WRITING, CLOSING, CLOSED = (
+    S.IDLE, S.READING, S.HANDLING, S.PARKED, S.WRITING, S.CLOSING, S.CLOSED)
+# States in which shutdown waits for the connection.
+BUSY_BITS = HANDLING.bit | PARKED.bit | WRITING.bit
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing; the HTTPError is in `_reject`."""
+
+
+_UNIQUE = frozenset({"host", "content-length"})
+_NAMES: dict[bytes, str] = {}  # raw header name -> lower-case str (bounded cache)
+_METHODS: dict[bytes, str] = {}
+
+
+def _parser_error(exc: Exception) -> HTTPError:
+    if isinstance(exc, HttpParserUpgrade):
+        return HTTPError(400, "bad_request", "protocol upgrades are not supported", close=True)
+    text = str(exc)
+    if "Transfer-Encoding" in text and "Content-Length" not in text:
+        return HTTPError(501, "unsupported_transfer_coding",
+                         "only Transfer-Encoding: chunked is supported", close=True)
+    return HTTPError(400, "bad_request", f"malformed request: {text}", close=True)
+
+
+class Connection:
+    __slots__ = (
+        "_sock", "fd", "_addr", "_server", "_loop", "_parser", "state", "_mask",
+        "_max_header", "_max_body", "_header_timeout", "_keepalive_timeout",
+        # the message being parsed
+        "_url", "_headers", "_hbytes", "_hraw", "_body", "_blen", "_in_headers",
+        "_msg_active", "_want_continue", "_reject", "_method", "_version", "_keep_alive",
+        "_target", "_path", "_query",
+        # requests and responses
+        "_pending", "_error", "_paused", "_current", "_parked", "_park_timer",
+        "_peer_gone", "_linger", "_discarded", "_out",
+        # timer heap entry
+        "deadline", "_heap_when",
+    )
+
+    def __init__(self, server: HTTPServer, sock: socket.socket, addr: Any) -> None:
+        self._sock = sock
+        self.fd = sock.fileno()
+        self._addr = addr
+        self._server = server
+        self._loop = server._loop
+        self._parser = HttpRequestParser(self)
+        self.state = IDLE
+        self._mask = EV_READ
+        st = server.settings
+        self._max_header = st.max_header_bytes
+        self._max_body = st.max_body_bytes
+        self._header_timeout = st.header_timeout
+        self._keepalive_timeout = st.keepalive_timeout
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._hbytes = self._hraw = self._blen = 0
+        self._body: list[bytes] | None = None
+        self._in_headers = self._msg_active = self._want_continue = False
+        self._reject: HTTPError | None = None
+        self._method = self._version = self._target = self._path = self._query = ""
+        self._keep_alive = True
+        self._pending: deque[Request] = deque()
+        self._error: HTTPError | None = None
+        self._paused = self._peer_gone = self._linger = False
+        self._current: Request | None = None
+        self._parked: Deferred | None = None
+        self._park_timer: Any = None
+        self._discarded = 0
+        self._out: bytearray | None = None
+        self.deadline: float | None = None
+        self._heap_when: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<Connection fd={self.fd} {self.state.name} {self._addr!r}>"
+
+    # -- state machine ---------------------------------------------------------------------
+    def _set(self, new: ConnState) -> None:
+        if not self.state.allowed & new.bit:
+            raise IllegalTransition(f"{self.state.name} -> {new.name}")
+        self.state = new
+
+    # -- parser callbacks (inside feed_data; they never touch the socket) --------------------
+    def on_message_begin(self) -> None:
+        self._msg_active = self._in_headers = True
+        self._url = b""
+        self._headers = {}
+        self._hbytes = self._blen = 0
+        self._hraw = -1
+        self._body = None
+
+    def on_url(self, piece: bytes) -> None:
+        self._url += piece
+        self._hbytes += len(piece)
+        if self._hbytes > self._max_header:
+            self._fail_parse(431, "header_too_large", "request header block too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_headers:
+            return  # a trailer after a chunked body: ignored
+        self._hbytes += len(name) + len(value) + 4
+        if self._hbytes > self._max_header:
+            self._fail_parse(431, "header_too_large", "request header block too large")
+        key = _NAMES.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if not key:
+                self._fail_parse(400, "bad_request", "empty header name")
+            if len(_NAMES) < 2048:
+                _NAMES[name] = key
+        text = value.strip().decode("latin-1")
+        headers = self._headers
+        old = headers.get(key)
+        if old is None:
+            headers[key] = text
+        elif key in _UNIQUE:
+            self._fail_parse(400, "bad_request", f"more than one {key} header")
+        else:
+            headers[key] = old + ", " + text
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        if self._hbytes > self._max_header:
+            self._fail_parse(431, "header_too_large", "request header block too large")
+        parser = self._parser
+        version = parser.get_http_version()
+        headers = self._headers
+        if version == "1.1":
+            if "host" not in headers:
+                self._fail_parse(400, "bad_request", "HTTP/1.1 request without Host")
+        elif version != "1.0":
+            self._fail_parse(505, "http_version_not_supported",
+                             f"HTTP/{version} is not supported")
+        te = headers.get("transfer-encoding")
+        cl = headers.get("content-length")
+        if te is not None:
+            if cl is not None:
+                self._fail_parse(400, "bad_request",
+                                 "Content-Length together with Transfer-Encoding")
+            if version == "1.0":
+                self._fail_parse(400, "bad_request", "chunked body in an HTTP/1.0 request")
+            if te.lower() != "chunked":
+                self._fail_parse(501, "unsupported_transfer_coding",
+                                 "only Transfer-Encoding: chunked is supported")
+            has_body = True
+        elif cl is not None:
+            if not (cl.isascii() and cl.isdigit()):
+                self._fail_parse(400, "bad_request", "invalid Content-Length")
+            length = int(cl)
+            if length > self._max_body:
+                self._fail_parse(413, "body_too_large",
+                                 f"request body larger than {self._max_body} bytes")
+            has_body = length > 0
+        else:
+            has_body = False
+        if parser.should_upgrade():
+            self._fail_parse(400, "bad_request", "protocol upgrades are not supported")
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method)
+        if method is None:
+            method = raw_method.decode("ascii")
+            if len(_METHODS) < 64:
+                _METHODS[raw_method] = method
+        url = self._url
+        try:
+            parsed = parse_url(url)
+        except HttpParserError:
+            self._fail_parse(400, "bad_request", "invalid request target")
+        raw_path = parsed.path
+        if not raw_path or raw_path[0] != 0x2F:  # "/"
+            self._fail_parse(400, "bad_request", "the request target must start with /")
+        path = raw_path.decode("latin-1")
+        if "%" in path:
+            path = unquote(path)
+        query = parsed.query
+        self._query = query.decode("latin-1") if query else ""
+        self._path = path
+        self._target = url.decode("latin-1")
+        self._method = method
+        self._version = version
+        self._keep_alive = parser.should_keep_alive()
+        if has_body and version == "1.1":
+            expect = headers.get("expect")
+            if expect is not None and expect.lower() == "100-continue":
+                self._want_continue = True
+
+    def on_body(self, data: bytes) -> None:
+        self._want_continue = False
+        blen = self._blen + len(data)
+        if blen > self._max_body:
+            self._fail_parse(413, "body_too_large",
+                             f"request body larger than {self._max_body} bytes")
+        self._blen = blen
+        if self._body is None:
+            self._body = [data]
+        else:
+            self._body.append(data)
+
+    def on_message_complete(self) -> None:
+        parts = self._body
+        body = b"" if parts is None else parts[0] if len(parts) == 1 else b"".join(parts)
+        self._body = None
+        self._msg_active = self._want_continue = False
+        self._pending.append(Request(
+            self._method, self._target, self._path, self._query, self._headers, body,
+            self._version, self._addr, self._keep_alive))
+
+    def _fail_parse(self, status: int, code: str, message: str) -> None:
+        self._reject = HTTPError(status, code, message, close=True)
+        raise _Reject(message)
+
+    # -- socket events -----------------------------------------------------------------------
+    def on_event(self, ev: int) -> None:
+        if ev & EV_WRITE and self._out is not None:
+            self._on_writable()
+        if ev & (EV_READ | EV_ERR | EV_HUP) and self.state is not CLOSED:
+            if self._mask & EV_READ:
+                self._on_readable()
+            elif ev & (EV_ERR | EV_HUP):
+                self._close()
+
+    def _on_readable(self) -> None:
+        server = self._server
+        try:
+            n = self._sock.recv_into(server._rbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close()
+            return
+        if not n:
+            self._on_eof()
+            return
+        if self.state is CLOSING:
+            self._discarded += n
+            if self._discarded > LINGER_MAX_BYTES:
+                self._close()
+            return
+        if self._error is not None:
+            return  # input after a bad request is dropped
+        self._feed(server._rview[:n], n)
+
+    def _feed(self, data: memoryview, n: int) -> None:
+        try:
+            self._parser.feed_data(data)
+        except HttpParserError as exc:  # includes HttpParserUpgrade and callback errors
+            err = self._reject or _parser_error(exc)
+            self._reject = None
+            self._fail(err)
+        else:
+            if self._in_headers:
+                # Headers still incomplete: bound the bytes they may take, including
+                # partial lines the parser is holding (a request line that never ends).
+                if self._hraw < 0:
+                    self._hraw = self._hbytes
+                else:
+                    self._hraw += n
+                if self._hraw > self._max_header:
+                    self._fail(HTTPError(431, "header_too_large",
+                                         "request header block too large", close=True))
+            if len(self._pending) >= PIPELINE_MAX and not self._paused:
+                self._paused = True
+                self._update_mask()
+        st = self.state
+        if st is IDLE or st is READING:
+            self._pump()
+
+    def _fail(self, err: HTTPError) -> None:
+        """The input broke the rules: answer `err` after the queued requests, then close."""
+        self._error = err
+        self._msg_active = self._in_headers = self._want_continue = False
+        self._linger = True
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("rejecting request from %s: %s %s", self._addr, err.status, err.message)
+
+    def _on_eof(self) -> None:
+        st = self.state
+        if st is HANDLING or st is WRITING:
+            # Half-close: the client may still read; answer, then close.
+            self._peer_gone = True
+            self._update_mask()
+        else:  # IDLE, READING, PARKED (cancel the deferred), CLOSING
+            self._close()
+
+    def _on_writable(self) -> None:
+        out = self._out
+        try:
+            n = self._sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close()
+            return
+        del out[:n]
+        if out:
+            self._set_deadline(monotonic() + self._keepalive_timeout)
+            return
+        self._out = None
+        self._update_mask()
+        st = self.state
+        if st is WRITING:
+            self._pump()
+        elif st is CLOSING:
+            self._finish_close()
+
+    def _update_mask(self) -> None:
+        mask = 0
+        if not self._peer_gone and not self._paused:
+            mask = EV_READ
+        if self._out is not None:
+            mask |= EV_WRITE
+        if mask != self._mask and self.state is not CLOSED:
+            self._mask = mask
+            self._loop.modify(self.fd, mask)
+
+    # -- request flow ------------------------------------------------------------------------
+    def _pump(self) -> None:
+        """Nothing is in flight: handle queued requests in order, then wait for more."""
+        server = self._server
+        pending = self._pending
+        while True:
+            if server._closing:
+                self._set(CLOSING)
+                self._finish_close()
+                return
+            if pending:
+                req = pending.popleft()
+                if self._paused and len(pending) <= PIPELINE_RESUME:
+                    self._paused = False
+                    self._update_mask()
+                self._set(HANDLING)
+                self._current = req
+                result = self._dispatch(req)
+                if result is None or not self._respond(result):
+                    return
+                continue
+            if self._error is not None:
+                err, self._error = self._error, None
+                self._send_final(err.to_response())
+                return
+            if self._peer_gone:
+                self._close()
+                return
+            if self._msg_active:
+                if self.state is not READING:
+                    self._set(READING)
+                    self._set_deadline(monotonic() + self._header_timeout)
+                if self._want_continue:
+                    self._want_continue = False
+                    self._write(CONTINUE)
+            else:
+                self._set(IDLE)
+                self._set_deadline(monotonic() + self._keepalive_timeout)
+            return
+
+    def _dispatch(self, req: Request) -> Response | None:
+        """Run the handler inline or hand it to a worker. A Response to send now, or None."""
+        server = self._server
+        try:
+            handler = server._app.resolve(req)
+            if getattr(handler, "blocking", False):
+                server._in_flight += 1
+                server._pool.submit(self._run_blocking, req, handler)
+                return None
+            result = handler(req)
+        except HTTPError as exc:
+            return exc.to_response()
+        except Exception:
+            log.exception("unhandled error in handler for %s %s", req.method, req.target)
+            return internal_error()
+        if result.__class__ is Response:
+            return result
+        return self._take_result(result)
+
+    def _run_blocking(self, req: Request, handler: Any) -> None:
+        """On a worker thread: run the handler, hand the result to the loop."""
+        try:
+            result = handler(req)
+        except HTTPError as exc:
+            result = exc.to_response()
+        except Exception:
+            log.exception("unhandled error in handler for %s %s", req.method, req.target)
+            result = internal_error()
+        self._loop.call_soon_threadsafe(self._worker_done, req, result)
+
+    def _worker_done(self, req: Request, result: Any) -> None:
+        self._server._in_flight -= 1
+        if self._current is not req or self.state is not HANDLING:
+            # The connection went away meanwhile.
+            if isinstance(result, Deferred):
+                _cancel_quietly(result)
+            return
+        response = self._take_result(result)
+        if response is not None and self._respond(response):
+            self._pump()
+
+    def _take_result(self, result: Any) -> Response | None:
+        if isinstance(result, Response):
+            return result
+        if isinstance(result, Deferred):
+            return self._park(result)
+        log.error("handler returned %r, not a Response or Deferred", type(result).__name__)
+        return internal_error()
+
+    def _respond(self, resp: Response) -> bool:
+        """Send the answer to `_current`. True if it went out whole and the connection goes on
+        (the caller then pumps); False if it is pending, or the connection is closing."""
+        req = self._current
+        self._current = None
+        server = self._server
+        close = resp.close or not req.keep_alive or self._peer_gone or server._closing
+        if close:
+            conn_line = CONN_CLOSE
+        elif req.http_version == "1.0":
+            conn_line = CONN_KEEP_ALIVE
+        else:
+            conn_line = b""
+        head_only = req.method == "HEAD"
+        try:
+            data = render(resp, head_only, conn_line, server._date)
+        except Exception:
+            log.exception("cannot render the response to %s %s", req.method, req.target)
+            data = render(internal_error(), head_only, conn_line, server._date)
+        server._served += 1
+        if close:
+            self._set(CLOSING)
+            if self._write(data):
+                self._finish_close()
+            return False
+        if self._write(data):
+            return True
+        if self.state is not CLOSED:
+            self._set(WRITING)
+            self._set_deadline(monotonic() + self._keepalive_timeout)
+        return False
+
+    def _send_final(self, resp: Response) -> None:
+        """An error of our own (bad request, timeout): send it with Connection: close."""
+        self._set(CLOSING)
+        self._linger = True
+        self._server._served += 1
+        if self._write(render(resp, False, CONN_CLOSE, self._server._date)):
+            self._finish_close()
+        elif self.state is not CLOSED:
+            self._set_deadline(monotonic() + LINGER_SECONDS)
+
+    def _write(self, data: bytes) -> bool:
+        """Send now; buffer what the socket did not take. True if all of it went out."""
+        out = self._out
+        if out is not None:
+            out += data
+            return False
+        try:
+            n = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self._close()
+            return False
+        if n == len(data):
+            return True
+        self._out = bytearray(memoryview(data)[n:])
+        self._update_mask()
+        return False
+
+    def _finish_close(self) -> None:
+        """The last response is out. Close now, or half-close and drain the client's input
+        first when it may still be sending (so our answer is not lost to a TCP reset)."""
+        if self.state is CLOSED or self._out is not None:
+            return
+        if self._peer_gone or not (self._linger or self._msg_active or self._pending):
+            self._close()
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close()
+            return
+        self._pending.clear()
+        self._msg_active = False
+        self._paused = False
+        self._update_mask()
+        self._set_deadline(monotonic() + LINGER_SECONDS)
+
+    # -- parking (long-polls) ----------------------------------------------------------------
+    def _park(self, deferred: Deferred) -> Response | None:
+        self._set(PARKED)
+        self._parked = deferred
+        self._server._parked += 1
+        early = deferred._attach(self._loop, partial(self._deferred_answer, deferred))
+        if early is not None:
+            self._unpark()
+            self._set(HANDLING)
+            return early
+        self._park_timer = self._loop.call_later(
+            deferred.timeout, self._deferred_timeout, deferred)
+        return None
+
+    def _unpark(self) -> None:
+        self._parked = None
+        self._server._parked -= 1
+        timer = self._park_timer
+        if timer is not None:
+            self._park_timer = None
+            timer.cancel()
+
+    def _deferred_answer(self, deferred: Deferred, response: Response) -> None:
+        """The Deferred's sender: always called on the loop thread."""
+        if self._parked is not deferred:
+            return  # the connection was closed or shut down meanwhile
+        self._unpark()
+        self._set(HANDLING)
+        if not isinstance(response, Response):
+            log.error("a Deferred was resolved with %r", type(response).__name__)
+            response = internal_error()
+        if self._respond(response):
+            self._pump()
+
+    def _deferred_timeout(self, deferred: Deferred) -> None:
+        if self._parked is not deferred:
+            return
+        self._park_timer = None
+        called = False
+        on_timeout = deferred.on_timeout
+
+        def checked() -> Response:
+            nonlocal called
+            called = True
+            return on_timeout()
+
+        deferred.on_timeout = checked
+        try:
+            response = deferred._expire()
+        except Exception:
+            log.exception("error in a Deferred's on_timeout")
+            response = internal_error()
+        finally:
+            deferred.on_timeout = on_timeout
+        if response is None:
+            if not called:
+                return  # resolved from another thread just now: its sender is on the way
+            log.error("a Deferred's on_timeout returned None")
+            response = internal_error()
+        self._unpark()
+        self._set(HANDLING)
+        if not isinstance(response, Response):
+            log.error("a Deferred's on_timeout returned %r", type(response).__name__)
+            response = internal_error()
+        if self._respond(response):
+            self._pump()
+
+    # -- timers ------------------------------------------------------------------------------
+    def _set_deadline(self, when: float) -> None:
+        self.deadline = when
+        at = self._heap_when
+        if at is None or when < at:
+            self._heap_when = when
+            self._loop.add_deadline(when, self)
+
+    def _timer_fire(self, when: float) -> None:
+        if when != self._heap_when:
+            return  # superseded by an earlier entry
+        self._heap_when = None
+        deadline = self.deadline
+        st = self.state
+        if deadline is None or st is CLOSED:
+            return
+        if deadline > monotonic():
+            self._heap_when = deadline
+            self._loop.add_deadline(deadline, self)
+            return
+        self.deadline = None
+        if st is IDLE or st is WRITING or st is CLOSING:
+            self._close()  # idle keep-alive, stalled reader, or lingering: silently
+        elif st is READING:
+            self._pending.clear()
+            self._error = None
+            self._msg_active = False
+            self._send_final(HTTPError(408, "request_timeout",
+                                       "request not received in time").to_response())
+        # HANDLING, PARKED: exempt
+
+    def _timer_dead(self, when: float) -> bool:
+        return when != self._heap_when or self.state is CLOSED
+
+    # -- shutdown and close ------------------------------------------------------------------
+    def busy(self) -> bool:
+        return bool(self.state.bit & BUSY_BITS) or (
+            self.state is CLOSING and self._out is not None)
+
+    def begin_shutdown(self) -> None:
+        st = self.state
+        if st is IDLE or st is READING:
+            self._close()
+        elif st is PARKED:
+            deferred = self._parked
+            if deferred.done:
+                return  # resolved from another thread; its answer is on the way
+            self._unpark()
+            _cancel_quietly(deferred)
+            self._set(HANDLING)
+            self._respond(HTTPError(503, "shutting_down", "the server is shutting down",
+                                    close=True).to_response())
+        # HANDLING and WRITING finish their response, then close (server._closing).
+
+    def _close(self) -> None:
+        if self.state is CLOSED:
+            return
+        deferred = self._parked
+        if deferred is not None:
+            self._unpark()
+            _cancel_quietly(deferred)
+        self._set(CLOSED)
+        self._server._forget(self)
+        self._loop.unregister(self.fd)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        self._pending.clear()
+        self._out = None
+        self._current = None
+        self._parser = None  # break the parser <-> connection cycle
+        self.deadline = None
+
+
+def _cancel_quietly(deferred: Deferred) -> None:
+    try:
+        deferred._cancel()
+    except Exception:
+        log.exception("error in a Deferred's on_cancel")

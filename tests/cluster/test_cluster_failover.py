@@ -21,7 +21,7 @@ from sqlalchemy import text
 from hachat.cluster import LeaseKeeper, Node, NotActive, PeerMonitor, Role
 from hachat.settings import ClusterSettings
 from hachat.store import Database, StoreUnavailable
-from hachat.store.lease import read_lease
+from hachat.store.lease import read_lease, try_acquire
 
 TTL = 1.0
 RENEW = 0.2
@@ -95,8 +95,9 @@ class GatedDB:
 class HealthServer:
     """Serves `node.snapshot()` at /health; blocks while the node is "paused"."""
 
-    def __init__(self) -> None:
+    def __init__(self, report: dict | None = None) -> None:
         self.node: Node | None = None
+        self.report = report  # a fixed answer instead of the node's snapshot
         self.running = threading.Event()
         self.running.set()
         outer = self
@@ -104,12 +105,16 @@ class HealthServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
                 outer.running.wait(5)
-                body = json.dumps(outer.node.snapshot()).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                report = outer.report or outer.node.snapshot()
+                body = json.dumps(report).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:  # the monitor gave up waiting (we were "paused")
+                    pass
 
             def log_message(self, *args):
                 pass
@@ -327,6 +332,21 @@ def test_lone_node_is_active_again_after_fall_and_revive(cluster):
                                    ("passive", "active", "no-peer")]
 
 
+def test_a_stuck_peer_that_still_says_active_is_replaced_once_its_lease_is_long_expired(cluster):
+    """The peer answers /health "alive, active" but stopped renewing: after the lease has been
+    expired for one more TTL (by the database clock) the passive takes it anyway."""
+    stuck = HealthServer(report={"status": "alive", "active": True, "role": "active"})
+    stuck.start()
+    assert try_acquire(cluster.admin, "ghost", stuck.url, 0.2) is not None
+    b = cluster("B", is_active=False, peer=stuck.url)
+    assert b.start() is Role.PASSIVE
+    took = b.wait_role(Role.ACTIVE, timeout=4)
+    stuck.close()
+    assert b.reasons()[-1] == ("passive", "active", "lease-free")
+    assert b.monitor.peer_down is False
+    assert 0.2 + TTL - 0.1 < took < 0.2 + TTL + 0.6, took
+
+
 def test_lone_passive_node_takes_the_lease_once_free(cluster):
     solo = cluster("S", is_active=False)
     solo.start()
@@ -353,16 +373,20 @@ def test_failing_prepare_activation_gives_the_lease_back(cluster):
 def test_renewals_failing_demote_before_the_lease_expires(cluster):
     a, b = pair(cluster)
     at_demotion = {}
+    looked = threading.Event()
 
     def look(old, new, node):  # runs in A's keeper thread at the moment it demotes
         if new is Role.PASSIVE:
-            at_demotion["lease"] = read_lease(cluster.admin)
             at_demotion["t"] = time.monotonic()
+            at_demotion["lease"] = read_lease(cluster.admin)
+            looked.set()
 
     a.node.subscribe(look)
     cut = time.monotonic()
     a.db.fail = True
-    a.wait_role(Role.PASSIVE, timeout=2)
+    assert looked.wait(2), a.reasons()
+    print(f"demoted {at_demotion['t'] - cut:.2f}s after the database was cut off, "
+          f"{at_demotion['lease'].remaining:.2f}s before the lease expired")
     assert a.reasons()[-1] == ("active", "passive", "lease-expired")
     lease = at_demotion["lease"]
     # Demoted while the lease still had time left by the database's own clock.
@@ -398,15 +422,17 @@ def test_paused_leader_wakes_up_passive_and_writes_nothing(cluster):
 def test_no_false_failover_when_the_active_pauses_and_the_passive_sees_it_down(cluster):
     """The health check informs, the lease decides: the passive believes the peer is down
     the whole time (its PEER_URL is a closed port) and the active is frozen for 0.5 s every
-    1.5 s, yet nobody changes role."""
+    1.5 s for 8 s, yet nobody changes role."""
     ha = HealthServer()
     a = cluster("A", is_active=True, peer=closed_port_url(), health=ha)
     b = cluster("B", is_active=False, peer=closed_port_url())
     assert a.start() is Role.ACTIVE and b.start() is Role.PASSIVE
     stop = threading.Event()
+    pauses = [0]
 
     def pauser():
         while not stop.wait(1.0):
+            pauses[0] += 1
             a.db.running.clear()
             a.health.running.clear()
             time.sleep(0.5)
@@ -416,7 +442,7 @@ def test_no_false_failover_when_the_active_pauses_and_the_passive_sees_it_down(c
     thread = threading.Thread(target=pauser, daemon=True)
     thread.start()
     try:
-        end = time.monotonic() + 7.5
+        end = time.monotonic() + 8.0
         while time.monotonic() < end:
             assert a.node.role is Role.ACTIVE, a.reasons()
             assert b.node.role is Role.PASSIVE, b.reasons()
@@ -425,4 +451,5 @@ def test_no_false_failover_when_the_active_pauses_and_the_passive_sees_it_down(c
     finally:
         stop.set()
         thread.join()
+    assert pauses[0] >= 5
     assert len(a.changes) == 1 and len(b.changes) == 1

@@ -110,6 +110,10 @@ class Authenticator:
             if not self.is_admin(request):
                 raise forbidden("this needs 'Authorization: Bearer <ADMIN_TOKEN>'")
             return
+        if "x-forwarded-for" in request.headers or "forwarded" in request.headers:
+            # Came through a proxy on this machine: the real client is elsewhere.
+            raise forbidden("set ADMIN_TOKEN to allow this through a proxy; "
+                            "without it only direct loopback clients may")
         host = request.client_address[0] if request.client_address else ""
         try:
             address = ipaddress.ip_address(host.split("%", 1)[0])

@@ -53,12 +53,12 @@ def create_user(s: Session, username: str, password_hash: str) -> User:
     return user
 
 
-def users_by_ids(s: Session, ids: Iterable[int]) -> dict[int, User]:
-    """The users among `ids` that exist, keyed by id."""
+def users_by_ids(s: Session, ids: Iterable[int]) -> list[User]:
+    """The users among `ids` that exist (unknown ids and duplicates dropped), ordered by id."""
     wanted = {int(i) for i in ids}
     if not wanted:
-        return {}
-    return {u.id: u for u in s.scalars(select(User).where(User.id.in_(wanted)))}
+        return []
+    return list(s.scalars(select(User).where(User.id.in_(wanted)).order_by(User.id)))
 
 
 def issue_token(s: Session, user_id: int) -> str:

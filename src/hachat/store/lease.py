@@ -121,7 +121,7 @@ def assert_holder(session: Session, node_id: str, epoch: int) -> None:
     On PostgreSQL this locks the lease row FOR KEY SHARE until the transaction ends, so a
     takeover waits for this transaction and every later write sees the new epoch.
     """
-    lock = "" if session.get_bind().dialect.name == "postgresql" else ""
+    lock = " FOR KEY SHARE" if session.get_bind().dialect.name == "postgresql" else ""
     row = session.execute(
         text(f"SELECT holder, epoch FROM lease WHERE id = :id{lock}"), {"id": LEASE_ID}
     ).one()

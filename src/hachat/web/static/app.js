@@ -34,6 +34,7 @@
     abort: null, // AbortController of the current session
     retrying: 0, // requests currently waiting to retry
     nodeRole: null, // 'active' | 'passive' | null, from the last answer
+    nodeName: null, // the `node` field of the last /health answer
   };
 
   const $ = (id) => document.getElementById(id);
@@ -133,8 +134,9 @@
 
   function markReachable(role, node) {
     state.nodeRole = role;
+    if (node) state.nodeName = node;
     if (state.retrying > 0 && role === 'active') return; // a retry loop still owns the status
-    const name = node ? ` (${node})` : '';
+    const name = state.nodeName ? ` (${state.nodeName})` : '';
     if (role === 'active') setStatus('active', `connected — active node${name}`);
     else setStatus('passive', `this node is passive${name}; waiting for the active node`);
   }
@@ -208,7 +210,7 @@
         }
         if (answer) {
           if (answer.status < 400) {
-            if (counted) { counted = false; releaseRetry(session); }
+            if (counted) { counted = false; releaseRetry(session); pollHealth(); } // back: which node now?
             if (path !== 'health' && state.token) markReachable('active', null);
             return answer.data;
           }

@@ -1,0 +1,210 @@
+"""Requests that break the rules: exact status, Connection: close, nothing served after them,
+and the server still serving a fresh connection. Plus limits and timeouts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from http_testkit import Client, wait_for
+
+MALFORMED = {
+    "http11_without_host": (b"GET /health HTTP/1.1\r\n\r\n", 400, "bad_request"),
+    "two_hosts": (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "bad_request"),
+    "two_same_hosts": (b"GET /health HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n", 400, "bad_request"),
+    "te_gzip": (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n",
+                501, "unsupported_transfer_coding"),
+    "te_gzip_chunked": (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n"
+                        b"\r\n0\r\n\r\n", 501, "unsupported_transfer_coding"),
+    "te_chunked_gzip": (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, gzip\r\n"
+                        b"\r\n", 501, "unsupported_transfer_coding"),
+    "te_twice": (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501,
+                 "unsupported_transfer_coding"),
+    "cl_and_te": (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "bad_request"),
+    "te_and_cl": (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+                  b"Content-Length: 5\r\n\r\n0\r\n\r\n", 400, "bad_request"),
+    "duplicate_cl": (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n"
+                     b"Content-Length: 3\r\n\r\nabc", 400, "bad_request"),
+    "conflicting_cl": (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n"
+                       b"Content-Length: 4\r\n\r\nabcd", 400, "bad_request"),
+    "cl_list": (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3, 3\r\n\r\nabc",
+                400, "bad_request"),
+    "cl_not_a_number": (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n",
+                        400, "bad_request"),
+    "cl_signed": (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: +3\r\n\r\nabc",
+                  400, "bad_request"),
+    "cl_negative": (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n",
+                    400, "bad_request"),
+    "empty_header_name": (b"GET /health HTTP/1.1\r\nHost: t\r\n: nameless\r\n\r\n",
+                          400, "bad_request"),
+    "space_before_colon": (b"GET /health HTTP/1.1\r\nHost : t\r\n\r\n", 400, "bad_request"),
+    "chunked_on_http10": (b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                          400, "bad_request"),
+    "bad_chunk_size": (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"zz\r\nhello\r\n0\r\n\r\n", 400, "bad_request"),
+    "bare_lf": (b"GET /health HTTP/1.1\nHost: t\n\n", 400, "bad_request"),
+    "obs_fold": (b"GET /health HTTP/1.1\r\nHost: t\r\nX-A: a\r\n  b\r\n\r\n", 400, "bad_request"),
+    "invalid_method": (b"FOO /health HTTP/1.1\r\nHost: t\r\n\r\n", 400, "bad_request"),
+    "garbage": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, "bad_request"),
+    "nul_in_header": (b"GET /health HTTP/1.1\r\nHost: t\x00x\r\n\r\n", 400, "bad_request"),
+    "upgrade": (b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                b"Upgrade: websocket\r\n\r\n", 400, "bad_request"),
+    "connect": (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n",
+                400, "bad_request"),
+    "asterisk_target": (b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n", 400, "bad_request"),
+    "relative_target": (b"GET health HTTP/1.1\r\nHost: t\r\n\r\n", 400, "bad_request"),
+    "http2_version": (b"GET /health HTTP/2.0\r\nHost: t\r\n\r\n", 505,
+                      "http_version_not_supported"),
+    "http09_version": (b"GET /health HTTP/0.9\r\nHost: t\r\n\r\n", 505,
+                       "http_version_not_supported"),
+    "bad_version": (b"GET /health HTTP/1.7\r\nHost: t\r\n\r\n", 400, "bad_request"),
+}
+
+
+def assert_error_then_closed(client: Client, status: int, code: str) -> None:
+    reply = client.read_response()
+    assert reply.status == status, reply
+    assert reply.headers["connection"] == "close"
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.json["error"] == code
+    assert isinstance(reply.json["message"], str)
+    assert client.wait_closed()
+    assert client.buf == b"", "nothing may follow the error response"
+
+
+@pytest.mark.parametrize("raw,status,code", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_request(server, app, raw, status, code):
+    with Client(server.address) as c:
+        c.send(raw)
+        assert_error_then_closed(c, status, code)
+    served_before = app.hits["/health"] + app.hits["/echo"]
+    assert served_before == 0, "a bad request must never reach the app"
+    with Client(server.address) as fresh:
+        assert fresh.request("/health").status == 200
+
+
+def test_pipelined_request_after_a_bad_one_is_not_served(server, app):
+    with Client(server.address) as c:
+        c.send(b"GET /echo?first HTTP/1.1\r\nHost: t\r\n\r\n"
+               b"POST /echo?bad HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+               b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert c.read_response().json["query"] == "first"
+        assert_error_then_closed(c, 400, "bad_request")
+    assert app.hits["/echo"] == 1
+    assert app.hits["/health"] == 0
+
+
+def test_pipelined_after_bad_behind_a_slow_request(server, app):
+    with Client(server.address) as c:
+        c.send(b"GET /slow?0.2 HTTP/1.1\r\nHost: t\r\n\r\n"
+               b"GET /health HTTP/1.1\r\n\r\n"  # no Host
+               b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert c.read_response().json == {"slow": True}
+        assert_error_then_closed(c, 400, "bad_request")
+    assert app.hits["/health"] == 0
+
+
+def test_header_block_too_large(server):
+    with Client(server.address) as c:
+        c.send(b"GET /health HTTP/1.1\r\nHost: t\r\n")
+        for i in range(40):
+            c.send(f"X-Filler-{i}: {'a' * 500}\r\n".encode())
+        c.send(b"\r\n")
+        assert_error_then_closed(c, 431, "header_too_large")
+    with Client(server.address) as fresh:
+        assert fresh.request("/health").status == 200
+
+
+def test_one_huge_header_value_without_end(server):
+    with Client(server.address) as c:
+        c.send(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: ")
+        c.send(b"a" * 8000)
+        c.send(b"a" * 8000)
+        c.send(b"a" * 8000)  # never finished
+        assert_error_then_closed(c, 431, "header_too_large")
+
+
+def test_endless_request_line(server):
+    with Client(server.address) as c:
+        c.send(b"GET /")
+        for _ in range(5):
+            c.send(b"a" * 5000)  # no CRLF, ever
+        assert_error_then_closed(c, 431, "header_too_large")
+    with Client(server.address) as fresh:
+        assert fresh.request("/health").status == 200
+
+
+def test_big_content_length_is_refused_without_reading_the_body(make_server, app):
+    server = make_server(app, max_body_bytes=1024)
+    with Client(server.address) as c:
+        c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000000\r\n\r\n")
+        assert_error_then_closed(c, 413, "body_too_large")
+    with Client(server.address) as c:  # with Expect: no 100 Continue, straight 413
+        c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1025\r\n"
+               b"Expect: 100-continue\r\n\r\n")
+        assert_error_then_closed(c, 413, "body_too_large")
+    with Client(server.address) as c:  # exactly the limit is fine
+        c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1024\r\n\r\n" + b"b" * 1024)
+        assert len(c.read_response().json["body"]) == 1024
+    assert app.hits["/echo"] == 1
+
+
+def test_chunked_body_past_the_limit(make_server, app):
+    server = make_server(app, max_body_bytes=1024)
+    with Client(server.address) as c:
+        c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(3):
+            c.send(b"200\r\n" + b"c" * 512 + b"\r\n")
+        assert_error_then_closed(c, 413, "body_too_large")
+    assert app.hits["/echo"] == 0
+    with Client(server.address) as fresh:
+        assert fresh.request("/health").status == 200
+
+
+def test_header_timeout_sends_408_and_closes(make_server):
+    server = make_server(header_timeout=0.3, keepalive_timeout=5)
+    with Client(server.address) as c:
+        started = time.monotonic()
+        c.send(b"GET /health HTTP/1.1\r\nHost: t\r\n")  # headers never finish
+        assert_error_then_closed(c, 408, "request_timeout")
+        assert 0.25 <= time.monotonic() - started < 1.5
+    with Client(server.address) as c:  # a body that never finishes
+        c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+        assert_error_then_closed(c, 408, "request_timeout")
+    with Client(server.address) as c:  # after a first request, a dribbled second one
+        assert c.request("/health").status == 200
+        c.send(b"GET /health HTTP/1.1\r\n")
+        time.sleep(0.1)
+        c.send(b"Host: t\r\n")
+        assert_error_then_closed(c, 408, "request_timeout")
+    assert wait_for(lambda: server.stats()["connections"] == 0)
+
+
+def test_idle_keep_alive_connection_closes_silently(make_server):
+    server = make_server(header_timeout=5, keepalive_timeout=0.3)
+    with Client(server.address) as c:
+        assert c.request("/health").status == 200
+        started = time.monotonic()
+        assert c.wait_closed(timeout=3)
+        assert c.buf == b""
+        assert 0.25 <= time.monotonic() - started < 1.5
+    assert wait_for(lambda: server.stats()["connections"] == 0)
+
+
+def test_keep_alive_timer_restarts_with_each_request(make_server):
+    server = make_server(header_timeout=5, keepalive_timeout=0.4)
+    with Client(server.address) as c:
+        for _ in range(4):
+            assert c.request("/health").status == 200
+            time.sleep(0.25)  # each pause is shorter than the timeout
+        assert c.request("/health").status == 200
+
+
+def test_silent_new_connection_is_closed_after_header_timeout(make_server):
+    server = make_server(header_timeout=0.3, keepalive_timeout=5)
+    with Client(server.address) as c:
+        assert c.wait_closed(timeout=3)
+        assert c.buf == b""

@@ -179,3 +179,21 @@ def test_many_connections_leave_nothing_behind(server):
     assert wait_for(lambda: server.stats()["connections"] == 0)
     assert server.stats()["parked"] == 0
     assert server.stats()["requests"] >= 50
+
+
+def test_deep_pipeline_is_served_in_order(server, client):
+    # More than the parse-ahead cap: reading pauses and resumes as the queue drains.
+    n = 100
+    client.send(b"".join(b"GET /echo?%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(n)))
+    for i in range(n):
+        assert client.read_response().json["query"] == str(i)
+    assert client.request("/health").status == 200
+
+
+def test_stalled_reader_is_dropped(make_server):
+    big = b"x" * (32 * 1024 * 1024)
+    server = make_server(App({"/big": Route(lambda r: Response(200, big, "text/plain"))}),
+                         keepalive_timeout=0.3)
+    with Client(server.address) as c:
+        c.get("/big")  # and never read
+        assert wait_for(lambda: server.stats()["connections"] == 0, timeout=5)

@@ -208,3 +208,14 @@ def test_silent_new_connection_is_closed_after_header_timeout(make_server):
     with Client(server.address) as c:
         assert c.wait_closed(timeout=3)
         assert c.buf == b""
+
+
+def test_endless_trailer_is_bounded(make_server, app):
+    server = make_server(app, max_body_bytes=1024)
+    with Client(server.address) as c:
+        c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"3\r\nabc\r\n0\r\nX-Trailer: ")
+        for _ in range(4):
+            c.send(b"t" * 1024)
+        assert_error_then_closed(c, 413, "body_too_large")
+    assert app.hits["/echo"] == 0

@@ -10,6 +10,7 @@ before it are answered, then the error (with `Connection: close`), then the conn
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections import deque
@@ -104,7 +105,7 @@ class Connection:
         "_sock", "fd", "_addr", "_server", "_loop", "_parser", "state", "_mask",
         "_max_header", "_max_body", "_header_timeout", "_keepalive_timeout",
         # the message being parsed
-        "_url", "_headers", "_hbytes", "_hraw", "_body", "_blen", "_in_headers",
+        "_url", "_headers", "_hbytes", "_hraw", "_body", "_blen", "_craw", "_in_headers",
         "_msg_active", "_want_continue", "_reject", "_method", "_version", "_keep_alive",
         "_target", "_path", "_query",
         # requests and responses
@@ -131,6 +132,7 @@ class Connection:
         self._url = b""
         self._headers: dict[str, str] = {}
         self._hbytes = self._hraw = self._blen = 0
+        self._craw = -2
         self._body: list[bytes] | None = None
         self._in_headers = self._msg_active = self._want_continue = False
         self._reject: HTTPError | None = None
@@ -163,6 +165,7 @@ class Connection:
         self._headers = {}
         self._hbytes = self._blen = 0
         self._hraw = -1
+        self._craw = -2
         self._body = None
 
     def on_url(self, piece: bytes) -> None:
@@ -219,6 +222,7 @@ class Connection:
                 self._fail_parse(501, "unsupported_transfer_coding",
                                  "only Transfer-Encoding: chunked is supported")
             has_body = True
+            self._craw = -1  # count the raw chunked bytes too (framing, trailers)
         elif cl is not None:
             if not (cl.isascii() and cl.isdigit()):
                 self._fail_parse(400, "bad_request", "invalid Content-Length")
@@ -334,6 +338,16 @@ class Connection:
                 if self._hraw > self._max_header:
                     self._fail(HTTPError(431, "header_too_large",
                                          "request header block too large", close=True))
+            elif self._craw != -2 and self._msg_active:
+                # A chunked body: bound its raw size as well (chunk framing and trailers are
+                # not body bytes, and the parser holds a trailer line until it ends).
+                if self._craw < 0:
+                    self._craw = self._blen
+                else:
+                    self._craw += n
+                if self._craw > 2 * self._max_body + self._max_header:
+                    self._fail(HTTPError(413, "body_too_large",
+                                         "chunked request body too large", close=True))
             if len(self._pending) >= PIPELINE_MAX and not self._paused:
                 self._paused = True
                 self._update_mask()
@@ -630,21 +644,24 @@ class Connection:
         self.deadline = when
         at = self._heap_when
         if at is None or when < at:
+            if at is not None:
+                self._loop.entry_died()  # the later entry is superseded
             self._heap_when = when
             self._loop.add_deadline(when, self)
 
-    def _timer_fire(self, when: float) -> None:
-        if when != self._heap_when:
-            return  # superseded by an earlier entry
+    def _timer_fire(self, when: float) -> bool:
+        """Our heap entry came due. Returns True if it was a dead entry."""
+        st = self.state
+        if when != self._heap_when or st is CLOSED:
+            return True  # superseded by an earlier entry, or the connection is gone
         self._heap_when = None
         deadline = self.deadline
-        st = self.state
-        if deadline is None or st is CLOSED:
-            return
+        if deadline is None:
+            return False
         if deadline > monotonic():
             self._heap_when = deadline
             self._loop.add_deadline(deadline, self)
-            return
+            return False
         self.deadline = None
         if st is IDLE or st is WRITING or st is CLOSING:
             self._close()  # idle keep-alive, stalled reader, or lingering: silently
@@ -655,6 +672,7 @@ class Connection:
             self._send_final(HTTPError(408, "request_timeout",
                                        "request not received in time").to_response())
         # HANDLING, PARKED: exempt
+        return False
 
     def _timer_dead(self, when: float) -> bool:
         return when != self._heap_when or self.state is CLOSED
@@ -687,12 +705,12 @@ class Connection:
             self._unpark()
             _cancel_quietly(deferred)
         self._set(CLOSED)
+        if self._heap_when is not None:
+            self._loop.entry_died()
         self._server._forget(self)
         self._loop.unregister(self.fd)
-        try:
+        with contextlib.suppress(OSError):
             self._sock.close()
-        except OSError:
-            pass
         self._pending.clear()
         self._out = None
         self._current = None

@@ -13,6 +13,7 @@ keeps the per-request cost of "reset the keep-alive timer" to one attribute writ
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import os
@@ -59,13 +60,15 @@ class TimerHandle:
                 loop._dead_timers += 1
 
     # -- heap entry protocol ---------------------------------------------------------------
-    def _timer_fire(self, when: float) -> None:
+    def _timer_fire(self, when: float) -> bool:
+        """Run the callback; True if this entry was dead (cancelled) instead."""
         if self.cancelled:
-            return
+            return True
         fn, args = self._fn, self._args
         self._fn = self._args = self._loop = None
         self.cancelled = True  # a fired timer cannot fire again; cancel() becomes a no-op
         fn(*args)
+        return False
 
     def _timer_dead(self, when: float) -> bool:
         return self.cancelled
@@ -153,13 +156,13 @@ class _Waker:
             try:
                 self._write()
             except (BlockingIOError, InterruptedError):
-                pass  # already readable: the loop will wake anyway
+                return  # already readable: the loop will wake anyway
 
     def drain(self) -> None:
         try:
             self._read()
         except (BlockingIOError, InterruptedError):
-            pass
+            return
 
     def close(self) -> None:
         with self._lock:
@@ -209,7 +212,7 @@ class EventLoop:
     def call_at(self, when: float, fn: Callable[..., Any], *args: Any) -> TimerHandle:
         handle = TimerHandle(when, fn, args, self)
         if self._thread_id == threading.get_ident():
-            heapq.heappush(self._heap, (when, next(self._seq), handle))
+            self._push_entry(when, handle)
         else:
             self.call_soon_threadsafe(self._push_entry, when, handle)
         return handle
@@ -220,12 +223,17 @@ class EventLoop:
     # -- for the server (loop thread only) ---------------------------------------------------
     time = staticmethod(monotonic)
 
-    def add_deadline(self, when: float, entry: Any) -> None:
-        """Push a moving-deadline entry (see module docstring)."""
-        heapq.heappush(self._heap, (when, next(self._seq), entry))
-
     def _push_entry(self, when: float, entry: Any) -> None:
+        """Push a heap entry: a TimerHandle or a moving-deadline object (module docstring)."""
         heapq.heappush(self._heap, (when, next(self._seq), entry))
+        if self._dead_timers > _COMPACT_MIN and self._dead_timers * 2 > len(self._heap):
+            self._compact()
+
+    add_deadline = _push_entry
+
+    def entry_died(self) -> None:
+        """A moving-deadline object's entry in the heap became dead (superseded or closed)."""
+        self._dead_timers += 1
 
     def register(self, fd: int, mask: int, callback: Callable[[int], None],
                  on_error: Callable[[], None] | None = None) -> None:
@@ -240,13 +248,12 @@ class EventLoop:
     def unregister(self, fd: int) -> None:
         self._handlers.pop(fd, None)
         self._error_handlers.pop(fd, None)
-        try:
+        with contextlib.suppress(OSError, KeyError, ValueError):
             self._poller.unregister(fd)
-        except (OSError, KeyError, ValueError):
-            pass
 
     def pending_timers(self) -> int:
-        return len(self._heap)
+        """Live entries in the timer heap (dead ones are removed lazily)."""
+        return max(0, len(self._heap) - self._dead_timers)
 
     def stop(self) -> None:
         """Make `run` return after the current turn (any thread)."""
@@ -303,11 +310,10 @@ class EventLoop:
                     while heap and heap[0][0] <= now:
                         when, _, entry = heappop(heap)
                         try:
-                            entry._timer_fire(when)
+                            if entry._timer_fire(when):
+                                self._dead_timers -= 1
                         except Exception:
                             log.exception("error in timer callback")
-                    if self._dead_timers > _COMPACT_MIN and self._dead_timers * 2 > len(heap):
-                        self._compact()
                 if ready:
                     for _ in range(len(ready)):
                         fn, args = ready.popleft()
@@ -320,9 +326,11 @@ class EventLoop:
             self._thread_id = None
 
     def _compact(self) -> None:
-        self._heap[:] = [e for e in self._heap if not e[2]._timer_dead(e[0])]
-        heapq.heapify(self._heap)
-        self._dead_timers = 0
+        heap = self._heap
+        before = len(heap)
+        heap[:] = [e for e in heap if not e[2]._timer_dead(e[0])]
+        heapq.heapify(heap)
+        self._dead_timers = max(0, self._dead_timers - (before - len(heap)))
 
     def run_ready_now(self) -> None:
         """Run queued callbacks (used after the loop stopped, during teardown)."""

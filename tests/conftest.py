@@ -8,20 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from support import NodeProcess
+from support import NodeProcess, require_pg
 
 _names = itertools.count(1)
-
-
-def require_pg() -> None:
-    """Skip (locally) or fail (CI) when PostgreSQL is not reachable."""
-    import dbutil
-
-    if dbutil.pg_available():
-        return
-    if os.environ.get("CI") == "true" or os.environ.get("HACHAT_REQUIRE_PG") == "1":
-        pytest.fail("PostgreSQL at 127.0.0.1:5432 is required (CI) but does not answer")
-    pytest.skip("PostgreSQL at 127.0.0.1:5432 is not running")
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])

@@ -18,6 +18,26 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parent.parent
 
 
+def required(what: str) -> bool:
+    """In CI (or when asked) a missing dependency fails a test instead of skipping it."""
+    flag = {"pg": "HACHAT_REQUIRE_PG", "browser": "HACHAT_REQUIRE_BROWSER",
+            "haproxy": "HACHAT_REQUIRE_HAPROXY"}[what]
+    return os.environ.get("CI") == "true" or os.environ.get(flag) == "1"
+
+
+def require_pg() -> None:
+    """Skip (locally) or fail (CI) when PostgreSQL is not reachable."""
+    import pytest
+
+    import dbutil
+
+    if dbutil.pg_available():
+        return
+    if required("pg"):
+        pytest.fail("PostgreSQL at 127.0.0.1:5432 is required (CI) but does not answer")
+    pytest.skip("PostgreSQL at 127.0.0.1:5432 is not running")
+
+
 def free_port() -> int:
     """A port the kernel says is free right now (bind to 0, read it, release it)."""
     with socket.socket() as s:

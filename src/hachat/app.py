@@ -54,7 +54,10 @@ class HachatNode:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.db = Database(settings.database_url, pool_size=settings.db_pool_size)
+        # A paused process must not keep the lease row locked past the lease itself: its open
+        # transaction is ended by the server after about one lease term of silence.
+        self.db = Database(settings.database_url, pool_size=settings.db_pool_size,
+                           idle_in_transaction_timeout=max(1.0, settings.cluster.lease_ttl))
         self.node = Node(settings.cluster)
         self.server = HTTPServer(self, settings.http)
         self.hub = EventHub(self.server.loop)

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import require_pg
+from support import require_pg
 from support import REPO, NodeProcess
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import require_pg
+from support import require_pg
 from harness import Pair
 from support import ChatUser
 

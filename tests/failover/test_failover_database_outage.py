@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import require_pg
+from support import require_pg
 from harness import Pair, Relay, Writer, check_no_loss_no_dup_no_split, stored_messages
 from support import ChatUser, call
 

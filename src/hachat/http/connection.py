@@ -105,7 +105,7 @@ class Connection:
         "_sock", "fd", "_addr", "_server", "_loop", "_parser", "state", "_mask",
         "_max_header", "_max_body", "_header_timeout", "_keepalive_timeout",
         # the message being parsed
-        "_url", "_headers", "_hbytes", "_hraw", "_body", "_blen", "_craw", "_in_headers",
+        "_url", "_headers", "_hbytes", "_hraw", "_body", "_blen", "_craw", "_ndone", "_in_headers",
         "_msg_active", "_want_continue", "_reject", "_method", "_version", "_keep_alive",
         "_target", "_path", "_query",
         # requests and responses
@@ -133,6 +133,7 @@ class Connection:
         self._headers: dict[str, str] = {}
         self._hbytes = self._hraw = self._blen = 0
         self._craw = -2
+        self._ndone = 0  # messages completed, ever
         self._body: list[bytes] | None = None
         self._in_headers = self._msg_active = self._want_continue = False
         self._reject: HTTPError | None = None
@@ -281,6 +282,7 @@ class Connection:
         body = b"" if parts is None else parts[0] if len(parts) == 1 else b"".join(parts)
         self._body = None
         self._msg_active = self._want_continue = False
+        self._ndone += 1
         self._pending.append(Request(
             self._method, self._target, self._path, self._query, self._headers, body,
             self._version, self._addr, self._keep_alive))
@@ -321,6 +323,7 @@ class Connection:
         self._feed(server._rview[:n], n)
 
     def _feed(self, data: memoryview, n: int) -> None:
+        done_before = self._ndone
         try:
             self._parser.feed_data(data)
         except HttpParserError as exc:  # includes HttpParserUpgrade and callback errors
@@ -331,8 +334,10 @@ class Connection:
             if self._in_headers:
                 # Headers still incomplete: bound the bytes they may take, including
                 # partial lines the parser is holding (a request line that never ends).
-                if self._hraw < 0:
-                    self._hraw = self._hbytes
+                if self._hraw < 0:  # the message began in this chunk
+                    # At its start, unless a message ended earlier in the chunk: then only
+                    # what the callbacks saw is known to be its own.
+                    self._hraw = n if self._ndone == done_before else self._hbytes
                 else:
                     self._hraw += n
                 if self._hraw > self._max_header:

@@ -126,11 +126,13 @@ class Database:
     """
 
     def __init__(self, url: str, pool_size: int = 16, *, lock_timeout: float = 5.0,
-                 connect_timeout: float = 3.0, statement_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 3.0, statement_timeout: float = 30.0,
+                 idle_in_transaction_timeout: float = 10.0) -> None:
         parsed = make_url(url)
         backend = parsed.get_backend_name()
         self.pool_size = pool_size
         self.lock_timeout = lock_timeout
+        self.idle_in_transaction_timeout = idle_in_transaction_timeout
         if backend == "sqlite":
             self.dialect = "sqlite"
             self._init_sqlite(parsed)
@@ -183,7 +185,7 @@ class Database:
         if "options" not in url.query:
             # lock_timeout: a takeover waits for writers in flight, but not forever.
             # idle_in_transaction: a paused process must not hold the lease row's lock forever.
-            idle_ms = max(10_000, 2 * lock_ms)
+            idle_ms = max(500, int(self.idle_in_transaction_timeout * 1000))
             connect_args["options"] = (
                 f"-c lock_timeout={lock_ms} -c statement_timeout={int(statement_timeout * 1000)}"
                 f" -c idle_in_transaction_session_timeout={idle_ms}"

@@ -71,7 +71,8 @@ def test_every_allowed_transition(old, new):
     assert node.role is new
     assert seen == [(old, new, node)]
     assert node.alive is (new is not Role.FALLEN)
-    assert node.is_active is (new is Role.ACTIVE)
+    # active means: the role, and a lease deadline still ahead (none was given here)
+    assert node.is_active is (new is Role.ACTIVE and node.lease_deadline > time.monotonic())
 
 
 @pytest.mark.parametrize(("old", "new"), FORBIDDEN, ids=lambda r: r.value)

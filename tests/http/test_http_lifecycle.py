@@ -12,6 +12,7 @@ import time
 import pytest
 from http_testkit import App, Client, wait_for
 
+from hachat.http.messages import Response
 from hachat.http.server import HTTPServer
 from hachat.settings import HTTPSettings
 
@@ -170,3 +171,26 @@ def test_signal_means_graceful_shutdown_and_exit_zero(mode, sig):
     assert proc.returncode == 0, err
     assert "finally" in out
     assert "Traceback" not in err
+
+
+def test_selectors_fallback_serves(monkeypatch, make_server, app):
+    """Without epoll (not Linux) the loop runs on `selectors`: same behaviour."""
+    from hachat.http import loop as loop_module
+
+    monkeypatch.setattr(loop_module, "USE_EPOLL", False)
+    server = make_server(app, keepalive_timeout=0.3)
+    assert isinstance(server.loop._poller, loop_module._SelectorPoller)
+    with Client(server.address) as c:
+        c.send(b"GET /echo?1 HTTP/1.1\r\nHost: t\r\n\r\nGET /worker?2 HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert c.read_response().json["query"] == "1"
+        assert c.read_response().json["query"] == "2"
+        c.get("/park")
+        assert wait_for(lambda: server.stats()["parked"] == 1)
+        server.loop.call_soon_threadsafe(app.parked[0].resolve, Response(200, b'{"x":1}'))
+        assert c.read_response().json == {"x": 1}
+        assert c.wait_closed()  # keep-alive timeout
+    waiting = Client(server.address)
+    waiting.get("/park")
+    assert wait_for(lambda: server.stats()["parked"] == 1)
+    waiting.close()
+    assert wait_for(lambda: len(app.cancelled) == 1)

@@ -15,10 +15,10 @@ _NOT_READY_HEADERS = (("Retry-After", "1"),)
 class HealthCache:
     """The /health body, rebuilt only when the node's published state changes."""
 
-    __slots__ = ("version", "body")
+    __slots__ = ("key", "body")
 
     def __init__(self) -> None:
-        self.version = -1
+        self.key: tuple[int, bool] = (-1, False)
         self.body = b""
 
 
@@ -45,10 +45,12 @@ def make_health(ctx: ApiContext):
     cache = HealthCache()
 
     def health(ctx: ApiContext, request: Request) -> Response:
-        version = ctx.status.version
-        if version != cache.version:
+        # The lease deadline can lapse without a role change (the keeper may be stuck in a
+        # database call), so "active" is part of the key.
+        key = (ctx.status.version, ctx.node.is_active)
+        if key != cache.key:
             cache.body = dumps(ctx.node.snapshot())
-            cache.version = version
+            cache.key = key
         return Response(200, cache.body)
 
     return health

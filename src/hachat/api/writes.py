@@ -69,7 +69,7 @@ def fenced_write(ctx: ApiContext) -> Iterator[StreamWriter]:
             body_done = True
         committed = True
     except Fenced:
-        ctx.node.demote("fenced")
+        ctx.node.demote("fenced", epoch=epoch)
         raise not_active(ctx.node.leader_url) from None
     except StoreUnavailable:
         raise database_unavailable() from None

@@ -171,15 +171,23 @@ class LeaseKeeper:
             return min(self._next_renew, node.lease_deadline) - now
         t0 = time.monotonic()  # before the call: the renewal happens at or after t0
         self._next_renew = t0 + self.renew_interval
+        # A renewal can hang (a black-holed network waits for the connect timeout): step down
+        # at the deadline even while this thread is still stuck in the call.
+        watchdog = threading.Timer(max(0.0, node.lease_deadline - t0), self._deadline_passed,
+                                   args=(epoch,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             renewed = store_lease.renew(self.db, node.node_id, epoch, self.ttl)
         except Exception as exc:
+            watchdog.cancel()
             self._db_error("renew", exc)
             if time.monotonic() >= node.lease_deadline:
                 node.transition(Role.PASSIVE, "lease-expired", only_from=Role.ACTIVE,
                                 only_epoch=epoch)
                 return 0.0
         else:
+            watchdog.cancel()
             self._db_ok()
             if renewed:
                 node.extend_lease(epoch, t0 + self.ttl - self.safety_margin)
@@ -188,6 +196,12 @@ class LeaseKeeper:
                                 only_epoch=epoch)
                 return 0.0
         return max(0.0, min(self._next_renew, node.lease_deadline) - time.monotonic())
+
+    def _deadline_passed(self, epoch: int) -> None:
+        node = self.node
+        if time.monotonic() >= node.lease_deadline:
+            node.transition(Role.PASSIVE, "lease-expired", only_from=Role.ACTIVE,
+                            only_epoch=epoch)
 
     def _passive_tick(self) -> float:
         tick = self.renew_interval

@@ -90,8 +90,9 @@ class Node:
 
     @property
     def is_active(self) -> bool:
+        """Active and within the lease this node last renewed (what `write_claim` admits)."""
         with self._lock:
-            return self._role is Role.ACTIVE
+            return self._role is Role.ACTIVE and time.monotonic() < self._deadline
 
     @property
     def leader_url(self) -> str | None:

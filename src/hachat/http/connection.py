@@ -105,7 +105,7 @@ class Connection:
         "_sock", "fd", "_addr", "_server", "_loop", "_parser", "state", "_mask",
         "_max_header", "_max_body", "_header_timeout", "_keepalive_timeout",
         # the message being parsed
-        "_url", "_headers", "_hbytes", "_hraw", "_body", "_blen", "_craw", "_ndone", "_in_headers",
+        "_url", "_headers", "_hbytes", "_mraw", "_body", "_blen", "_chunked", "_ndone", "_in_headers",
         "_msg_active", "_want_continue", "_reject", "_method", "_version", "_keep_alive",
         "_target", "_path", "_query",
         # requests and responses
@@ -131,8 +131,8 @@ class Connection:
         self._keepalive_timeout = st.keepalive_timeout
         self._url = b""
         self._headers: dict[str, str] = {}
-        self._hbytes = self._hraw = self._blen = 0
-        self._craw = -2
+        self._hbytes = self._mraw = self._blen = 0
+        self._chunked = False
         self._ndone = 0  # messages completed, ever
         self._body: list[bytes] | None = None
         self._in_headers = self._msg_active = self._want_continue = False
@@ -165,8 +165,8 @@ class Connection:
         self._url = b""
         self._headers = {}
         self._hbytes = self._blen = 0
-        self._hraw = -1
-        self._craw = -2
+        self._mraw = -1
+        self._chunked = False
         self._body = None
 
     def on_url(self, piece: bytes) -> None:
@@ -223,7 +223,7 @@ class Connection:
                 self._fail_parse(501, "unsupported_transfer_coding",
                                  "only Transfer-Encoding: chunked is supported")
             has_body = True
-            self._craw = -1  # count the raw chunked bytes too (framing, trailers)
+            self._chunked = True
         elif cl is not None:
             if not (cl.isascii() and cl.isdigit()):
                 self._fail_parse(400, "bad_request", "invalid Content-Length")
@@ -331,26 +331,20 @@ class Connection:
             self._reject = None
             self._fail(err)
         else:
-            if self._in_headers:
-                # Headers still incomplete: bound the bytes they may take, including
-                # partial lines the parser is holding (a request line that never ends).
-                if self._hraw < 0:  # the message began in this chunk
-                    # At its start, unless a message ended earlier in the chunk: then only
-                    # what the callbacks saw is known to be its own.
-                    self._hraw = n if self._ndone == done_before else self._hbytes
+            if self._msg_active:
+                # Bound the raw bytes of the message being read: its header block (including
+                # partial lines the parser holds, e.g. a request line that never ends), and
+                # for a chunked body its framing and trailers too.
+                if self._mraw < 0:  # it began in this chunk: at its start, unless another
+                    # message ended earlier in the chunk (then count what the callbacks saw)
+                    self._mraw = n if self._ndone == done_before else self._hbytes + self._blen
                 else:
-                    self._hraw += n
-                if self._hraw > self._max_header:
-                    self._fail(HTTPError(431, "header_too_large",
-                                         "request header block too large", close=True))
-            elif self._craw != -2 and self._msg_active:
-                # A chunked body: bound its raw size as well (chunk framing and trailers are
-                # not body bytes, and the parser holds a trailer line until it ends).
-                if self._craw < 0:
-                    self._craw = self._blen
-                else:
-                    self._craw += n
-                if self._craw > 2 * self._max_body + self._max_header:
+                    self._mraw += n
+                if self._in_headers:
+                    if self._mraw > self._max_header:
+                        self._fail(HTTPError(431, "header_too_large",
+                                             "request header block too large", close=True))
+                elif self._chunked and self._mraw > self._max_header + 2 * self._max_body:
                     self._fail(HTTPError(413, "body_too_large",
                                          "chunked request body too large", close=True))
             if len(self._pending) >= PIPELINE_MAX and not self._paused:

@@ -35,6 +35,7 @@ EV_WRITE = getattr(select, "EPOLLOUT", 0x004)
 EV_ERR = getattr(select, "EPOLLERR", 0x008)
 EV_HUP = getattr(select, "EPOLLHUP", 0x010)
 
+USE_EPOLL = hasattr(select, "epoll")
 _COMPACT_MIN = 1024  # compact the heap when this many entries are dead and they are half of it
 
 
@@ -87,10 +88,12 @@ class _EpollPoller:
 
 
 class _SelectorPoller:
-    """Fallback for platforms without epoll: the same interface over `selectors`."""
+    """Fallback for platforms without epoll: the same interface over `selectors`.
+    A descriptor with an empty mask is taken out of the selector (no spinning on it)."""
 
     def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()
+        self._masks: dict[int, int] = {}
 
     @staticmethod
     def _to_sel(mask: int) -> int:
@@ -102,27 +105,35 @@ class _SelectorPoller:
         return m
 
     def register(self, fd: int, mask: int) -> None:
-        m = self._to_sel(mask)
-        self._sel.register(fd, m or selectors.EVENT_READ, m)
+        if fd in self._masks:
+            raise FileExistsError(fd)
+        self._masks[fd] = 0
+        self.modify(fd, mask)
 
     def modify(self, fd: int, mask: int) -> None:
-        m = self._to_sel(mask)
-        self._sel.modify(fd, m or selectors.EVENT_READ, m)
+        old = self._masks[fd]
+        new = self._to_sel(mask)
+        if old and new:
+            self._sel.modify(fd, new)
+        elif new:
+            self._sel.register(fd, new)
+        elif old:
+            self._sel.unregister(fd)
+        self._masks[fd] = new
 
     def unregister(self, fd: int) -> None:
-        self._sel.unregister(fd)
+        if self._masks.pop(fd):
+            self._sel.unregister(fd)
 
     def poll(self, timeout: float = -1) -> list[tuple[int, int]]:
         out = []
         for key, m in self._sel.select(None if timeout < 0 else timeout):
-            wanted = key.data
             ev = 0
-            if m & selectors.EVENT_READ and (wanted & selectors.EVENT_READ or not wanted):
+            if m & selectors.EVENT_READ:
                 ev |= EV_READ
-            if m & selectors.EVENT_WRITE and wanted & selectors.EVENT_WRITE:
+            if m & selectors.EVENT_WRITE:
                 ev |= EV_WRITE
-            if ev:
-                out.append((key.fd, ev))
+            out.append((key.fd, ev))
         return out
 
     def close(self) -> None:
@@ -180,7 +191,7 @@ class EventLoop:
     """One thread's poll loop. See the module docstring."""
 
     def __init__(self) -> None:
-        self._poller = _EpollPoller() if hasattr(select, "epoll") else _SelectorPoller()
+        self._poller = _EpollPoller() if USE_EPOLL else _SelectorPoller()
         self._handlers: dict[int, Callable[[int], None]] = {}
         self._error_handlers: dict[int, Callable[[], None]] = {}
         self._ready: deque[tuple[Callable[..., Any], tuple]] = deque()

@@ -94,10 +94,10 @@ class NodeProcess:
 
     def start(self, wait: bool = True, timeout: float = 20.0) -> NodeProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "hachat", "serve"], env=self.env,
-                                     cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "hachat", "serve"],
+                                         env=self.env, cwd=self.workdir, stdout=log,
+                                         stderr=subprocess.STDOUT)
         if wait:
             self.wait_health(timeout)
         return self

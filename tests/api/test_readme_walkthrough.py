@@ -10,8 +10,7 @@ import subprocess
 
 import pytest
 
-from support import require_pg
-from support import REPO, NodeProcess
+from support import REPO, NodeProcess, require_pg
 
 
 def walkthrough_script() -> str:

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
 import pytest
-
-from support import require_pg
 from harness import Pair
-from support import ChatUser
+
+from support import ChatUser, require_pg
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

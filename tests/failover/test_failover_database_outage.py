@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from support import require_pg
 from harness import Pair, Relay, Writer, check_no_loss_no_dup_no_split, stored_messages
-from support import ChatUser, call
+
+from support import ChatUser, call, require_pg
 
 
 def test_database_outage_then_recovery(tmp_path):

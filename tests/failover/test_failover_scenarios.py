@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-
 from harness import Pair, Writer, check_no_loss_no_dup_no_split, stored_messages
+
 from support import ChatUser, call
 
 

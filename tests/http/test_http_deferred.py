@@ -166,3 +166,22 @@ def test_resolving_many_from_another_thread(server, app):
     finally:
         for c in clients:
             c.close()
+
+
+def test_client_gone_before_a_worker_returns_its_deferred(make_server, app):
+    gate = threading.Event()
+
+    def slow_park(request):
+        gate.wait(5)
+        return app._park(request)
+
+    app.routes["/slow-park"] = Route(slow_park, blocking=True)
+    server = make_server(app)
+    c = Client(server.address)
+    c.get("/slow-park")
+    assert wait_for(lambda: server.stats()["in_flight"] == 1)
+    c.close()
+    time.sleep(0.05)
+    gate.set()
+    assert wait_for(lambda: len(app.cancelled) == 1)
+    assert wait_for(lambda: server.stats()["connections"] == 0 and server.stats()["parked"] == 0)

@@ -105,9 +105,9 @@ class Connection:
         "_sock", "fd", "_addr", "_server", "_loop", "_parser", "state", "_mask",
         "_max_header", "_max_body", "_header_timeout", "_keepalive_timeout",
         # the message being parsed
-        "_url", "_headers", "_hbytes", "_mraw", "_body", "_blen", "_chunked", "_ndone", "_in_headers",
-        "_msg_active", "_want_continue", "_reject", "_method", "_version", "_keep_alive",
-        "_target", "_path", "_query",
+        "_url", "_headers", "_hbytes", "_mraw", "_body", "_blen", "_chunked", "_ndone",
+        "_in_headers", "_msg_active", "_want_continue", "_reject", "_method", "_version",
+        "_keep_alive", "_target", "_path", "_query",
         # requests and responses
         "_pending", "_error", "_paused", "_current", "_parked", "_park_timer",
         "_peer_gone", "_linger", "_discarded", "_out",
@@ -573,6 +573,10 @@ class Connection:
 
     # -- parking (long-polls) ----------------------------------------------------------------
     def _park(self, deferred: Deferred) -> Response | None:
+        if self._peer_gone:  # the client left while a worker was making this Deferred
+            _cancel_quietly(deferred)
+            self._close()
+            return None
         self._set(PARKED)
         self._parked = deferred
         self._server._parked += 1

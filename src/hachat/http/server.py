@@ -55,7 +55,7 @@ class HTTPServer:
         self._in_flight = 0
         self._accepted = 0
         # lifecycle
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._serving = False
         self._shutdown_requested = False
         self._closing = False  # on the loop: shutdown has begun
@@ -86,14 +86,12 @@ class HTTPServer:
 
     def serve_forever(self) -> None:
         """Run the loop in the calling thread until `shutdown`."""
-        if self._shutdown_requested:
-            return
-        self.bind()
         with self._lock:
-            if self._serving:
-                raise RuntimeError("serve_forever is already running")
             if self._shutdown_requested:
                 return
+            if self._serving:
+                raise RuntimeError("serve_forever is already running")
+            self.bind()
             self._serving = True
         self._pool.start()
         try:
@@ -105,6 +103,8 @@ class HTTPServer:
 
     def start_background(self) -> threading.Thread:
         """Bind if needed and serve in a daemon thread; returns once accepting."""
+        if self._thread is not None:
+            return self._thread
         self.bind()
         thread = threading.Thread(target=self._serve_quietly, name="hachat-http-loop",
                                   daemon=True)

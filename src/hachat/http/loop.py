@@ -231,6 +231,12 @@ class EventLoop:
     def in_loop_thread(self) -> bool:
         return self._thread_id == threading.get_ident()
 
+    def wakeup(self) -> None:
+        """Make a blocked poll return (e.g. from a signal handler running on the loop thread,
+        where `call_soon_threadsafe` skips the wakeup write)."""
+        self._woken = True
+        self._waker.wake()
+
     # -- for the server (loop thread only) ---------------------------------------------------
     time = staticmethod(monotonic)
 

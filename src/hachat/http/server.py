@@ -164,6 +164,7 @@ class HTTPServer:
         if grace is None:
             grace = self.settings.shutdown_grace
         self._loop.call_soon_threadsafe(self._begin_shutdown, grace)
+        self._loop.wakeup()  # from a signal handler on the loop thread, poll must return
 
     # -- loop side ---------------------------------------------------------------------------
     def _serve_quietly(self) -> None:

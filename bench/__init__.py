@@ -1,0 +1,1 @@
+"""Benchmarks for hachat: `python -m bench.http_bench`, `bench.realtime_bench`, `bench.failover_bench`."""

@@ -1,0 +1,384 @@
+"""Helpers shared by the benchmarks: processes pinned to a CPU, free ports, HTTP calls, wrk,
+PostgreSQL scratch databases, medians.
+
+Shared file: several benchmarks use it, so add functions rather than change existing ones.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO / "bench"
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+# -- ports, CPUs, limits ------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel calls free right now: bind to port 0, read it, release it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def available_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def pinning_plan() -> tuple[set[int] | None, set[int] | None]:
+    """(server CPUs, load-generator CPUs): CPU 0 and CPU 1 when both are usable, else no pinning."""
+    cpus = available_cpus()
+    if 0 in cpus and 1 in cpus:
+        return {0}, {1}
+    if len(cpus) >= 2:
+        return {cpus[0]}, {cpus[1]}
+    return None, None
+
+
+def raise_nofile_limit(wanted: int | None = None) -> int:
+    """Raise this process's soft RLIMIT_NOFILE toward `wanted` (default: the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if wanted is None else wanted
+    if hard != resource.RLIM_INFINITY:
+        target = min(target, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
+
+
+def child_setup(cpus: set[int] | None = None, nofile: bool = True) -> Callable[[], None]:
+    """A `preexec_fn`: pin the child to `cpus` and raise its open-file limit."""
+
+    def setup() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        if nofile:
+            raise_nofile_limit()
+
+    return setup
+
+
+# -- processes ----------------------------------------------------------------------------------
+class ManagedProcess:
+    """A child process we started: output to a log file, stopped by its own pid only."""
+
+    def __init__(self, name: str, argv: list[str], *, env: Mapping[str, str] | None = None,
+                 cwd: str | Path | None = None, log_path: str | Path | None = None,
+                 cpus: set[int] | None = None, stdin: Any = subprocess.DEVNULL,
+                 capture_stdout: bool = False) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = Path(log_path) if log_path else None
+        self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            argv, env=dict(env) if env is not None else None, cwd=cwd, stdin=stdin,
+            stdout=subprocess.PIPE if capture_stdout else self._log, stderr=self._log,
+            preexec_fn=child_setup(cpus), text=capture_stdout or None)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL: only this child, by its pid."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ManagedProcess:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+# -- HTTP -------------------------------------------------------------------------------------
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+def http_call(port: int, method: str, path: str, body: Any = None, *, token: str | None = None,
+              host: str = "127.0.0.1", timeout: float = 10.0) -> Reply:
+    """One request on a fresh connection; `body` is sent as JSON when not None."""
+    headers = {"Connection": "close"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.read(), {k.lower(): v for k, v in resp.getheaders()})
+    finally:
+        conn.close()
+
+
+def wait_until_serving(port: int, path: str = "/health", *, timeout: float = 30.0,
+                       check: Callable[[Reply], bool] | None = None,
+                       process: ManagedProcess | None = None) -> Reply:
+    """Poll `path` until it answers 200 (and `check` agrees); fail early if `process` died."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        if process is not None and not process.alive():
+            raise RuntimeError(f"{process.name} exited with {process.proc.returncode}:\n"
+                               f"{process.log_tail()}")
+        try:
+            reply = http_call(port, "GET", path, timeout=2.0)
+            last = reply
+            if reply.status == 200 and (check is None or check(reply)):
+                return reply
+        except OSError as exc:
+            last = exc
+        time.sleep(0.1)
+    tail = process.log_tail() if process is not None else ""
+    raise RuntimeError(f"nothing served {path} on port {port} within {timeout:.0f} s "
+                       f"(last: {last!r})\n{tail}")
+
+
+def start_hachat(workdir: Path, *, port: int | None = None, database_url: str | None = None,
+                 env: Mapping[str, str] | None = None, cpus: set[int] | None = None,
+                 name: str = "hachat", timeout: float = 60.0) -> tuple[ManagedProcess, int]:
+    """Start `python -m hachat serve` as a lone active node in `workdir` (no .env is read from
+    the repository); wait until /health says active. Returns (process, port)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    full = dict(os.environ)
+    full.update({
+        "PORT": str(port), "HOST": "127.0.0.1", "IS_ACTIVE": "true", "PEER_URL": "",
+        "LOG_LEVEL": "WARNING", "NODE_ID": f"{name}-{port}",
+        "DATABASE_URL": database_url or f"sqlite:///{workdir / 'hachat.db'}",
+    })
+    full.update(env or {})
+    proc = ManagedProcess(name, [sys.executable, "-m", "hachat", "serve"], env=full, cwd=workdir,
+                          log_path=workdir / f"{name}-{port}.log", cpus=cpus)
+    try:
+        wait_until_serving(port, "/health", timeout=timeout, process=proc,
+                           check=lambda r: bool((r.json() or {}).get("active")))
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
+
+
+# -- wrk --------------------------------------------------------------------------------------
+def ensure_wrk() -> str:
+    """Path of wrk; installs Debian's package when missing (apt-get update only on failure)."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    install = ["apt-get", "install", "-y", "-q", "wrk"]
+    if os.geteuid() != 0 and shutil.which("sudo"):
+        install = ["sudo", *install]
+    print("wrk is missing: installing it from Debian's packages", flush=True)
+    if subprocess.run(install, stdout=subprocess.DEVNULL).returncode != 0:
+        update = install[:-3] + ["update", "-q"]
+        subprocess.run(update, stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(install, stdout=subprocess.DEVNULL, check=True)
+    found = shutil.which("wrk")
+    if not found:
+        raise RuntimeError("wrk is still missing after apt-get install wrk")
+    return found
+
+
+_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _seconds(number: str, unit: str) -> float:
+    return float(number) * _UNIT_SECONDS[unit]
+
+
+def _count(text: str) -> float:
+    """wrk's counts may carry a k/M/G suffix in some places."""
+    scale = {"k": 1e3, "M": 1e6, "G": 1e9}
+    if text and text[-1] in scale:
+        return float(text[:-1]) * scale[text[-1]]
+    return float(text)
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    rps: float
+    percentiles_ms: dict[str, float]
+    non_2xx: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    raw: str = ""
+
+    @property
+    def p50_ms(self) -> float:
+        return self.percentiles_ms.get("50", float("nan"))
+
+    @property
+    def p99_ms(self) -> float:
+        return self.percentiles_ms.get("99", float("nan"))
+
+    @property
+    def ok_requests(self) -> int:
+        """Responses with a 2xx or 3xx status (wrk counts the others as non-2xx)."""
+        return self.requests - self.non_2xx
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    def as_dict(self, raw: bool = False) -> dict[str, Any]:
+        out = asdict(self)
+        if not raw:
+            out.pop("raw")
+        return out
+
+
+_LAT_LINE = re.compile(r"^\s*(\d+(?:\.\d+)?)%\s+(\d+(?:\.\d+)?)(us|ms|s|m|h)\s*$")
+_TOTAL = re.compile(r"^\s*(\d+)\s+requests in\s+(\d+(?:\.\d+)?)(us|ms|s|m|h)")
+_RPS = re.compile(r"^Requests/sec:\s+(\d+(?:\.\d+)?[kMG]?)")
+_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_NON2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """Parse `wrk --latency` output: totals, Requests/sec, the latency distribution, errors."""
+    percentiles: dict[str, float] = {}
+    requests, seconds, rps = 0, 0.0, None
+    in_distribution = False
+    for line in text.splitlines():
+        if "Latency Distribution" in line:
+            in_distribution = True
+            continue
+        if in_distribution:
+            m = _LAT_LINE.match(line)
+            if m:
+                key = m.group(1).rstrip("0").rstrip(".") if "." in m.group(1) else m.group(1)
+                percentiles[key] = _seconds(m.group(2), m.group(3)) * 1000.0
+                continue
+            in_distribution = False
+        m = _TOTAL.match(line)
+        if m:
+            requests = int(m.group(1))
+            seconds = _seconds(m.group(2), m.group(3))
+            continue
+        m = _RPS.match(line)
+        if m:
+            rps = _count(m.group(1))
+    if rps is None:
+        raise ValueError(f"no 'Requests/sec' in wrk's output:\n{text}")
+    errors: dict[str, int] = {}
+    m = _SOCKET.search(text)
+    if m:
+        errors = dict(zip(("connect", "read", "write", "timeout"), map(int, m.groups())))
+    m = _NON2XX.search(text)
+    non_2xx = int(m.group(1)) if m else 0
+    return WrkResult(requests, seconds, rps, percentiles, non_2xx, errors, text)
+
+
+def run_wrk(url: str, *, duration: float, connections: int = 50, threads: int = 1,
+            script: str | Path | None = None, cpus: set[int] | None = None,
+            timeout_s: int | None = None, extra: Iterable[str] = ()) -> WrkResult:
+    """Run `wrk --latency` (pinned to `cpus`) and parse what it prints."""
+    argv = [ensure_wrk(), f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--latency"]
+    if timeout_s:
+        argv.append(f"--timeout={timeout_s}s")
+    if script:
+        argv += ["-s", str(script)]
+    argv += [*extra, url]
+    done = subprocess.run(argv, capture_output=True, text=True, preexec_fn=child_setup(cpus),
+                          timeout=duration + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+    return parse_wrk(done.stdout)
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+def pg_available(admin_url: str = PG_ADMIN_URL) -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(admin_url, connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+def create_pg_database(prefix: str = "hachat_bench", admin_url: str = PG_ADMIN_URL) -> str:
+    """Create a fresh, empty database `<prefix>_<random>`; returns its name."""
+    import psycopg
+
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def drop_pg_database(name: str, admin_url: str = PG_ADMIN_URL) -> None:
+    """Drop a database made by create_pg_database, ending its leftover sessions first."""
+    import psycopg
+
+    if not re.fullmatch(r"[a-z0-9_]+", name):
+        raise ValueError(f"refusing to drop {name!r}")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def pg_url(name: str, host: str = "127.0.0.1", port: int = 5432, user: str = "postgres") -> str:
+    return f"postgresql://{user}@{host}:{port}/{name}"
+
+
+# -- numbers ----------------------------------------------------------------------------------
+def median(values: Iterable[float]) -> float:
+    values = [v for v in values if v == v]  # drop NaN
+    return statistics.median(values) if values else float("nan")
+
+
+def fmt_int(value: float) -> str:
+    return "-" if value != value else f"{value:,.0f}"
+
+
+def fmt_ms(value: float) -> str:
+    if value != value:
+        return "-"
+    return f"{value:.2f} ms" if value < 10 else f"{value:.1f} ms"

@@ -1,0 +1,224 @@
+"""Fixtures for the client tests: a real pair of nodes on a fresh database, HAProxy in front of
+it, and a headless Chromium driven by Playwright.
+
+HAProxy and Chromium are optional locally (the tests that need them are skipped, saying why)
+and required in CI (`support.required`), where a missing one fails the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+_HERE = Path(__file__).resolve().parent
+for _extra in (_HERE.parent, _HERE.parent / "failover"):  # support.py, dbutil.py, harness.py
+    if str(_extra) not in sys.path:
+        sys.path.insert(0, str(_extra))
+
+from harness import Pair  # noqa: E402
+
+from support import REPO, call, free_port, require_pg, required  # noqa: E402
+
+HAPROXY_CFG = REPO / "deploy" / "haproxy.cfg"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = REPO / "artifacts" / "screenshots"
+PASSWORD = "password123"
+
+
+def poll_until(predicate: Callable[[], object], timeout: float, what: str,
+               interval: float = 0.05) -> object:
+    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while True:
+        try:
+            value = predicate()
+        except Exception as exc:  # noqa: BLE001 - keep polling; reported on timeout
+            last_exc, value = exc, None
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_exc!r})" if last_exc else ""
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+def need(what: str, available: bool, reason: str) -> None:
+    """Skip locally, fail in CI (or when HACHAT_REQUIRE_<WHAT>=1), when something is missing."""
+    if available:
+        return
+    if required(what):
+        pytest.fail(f"{reason} (required here)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def wait_for() -> Callable[..., object]:
+    """wait_for(predicate, timeout, what): poll until truthy (test files cannot import this
+    module: its name, conftest, is taken by tests/conftest.py)."""
+    return poll_until
+
+
+# ------------------------------------------------------------------ database and nodes
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def fresh_db(request, tmp_path) -> Iterator[str]:
+    """A new empty database per test (as in tests/failover): the lease row is the cluster."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'pair.db'}"
+        return
+    require_pg()
+    import dbutil
+
+    url = dbutil.create_pg_database()
+    yield url
+    dbutil.drop_pg_database(url)
+
+
+@pytest.fixture
+def pair(fresh_db, tmp_path) -> Iterator[Pair]:
+    """Node A active, node B passive, one database."""
+    p = Pair(fresh_db, tmp_path).start()
+    try:
+        poll_until(lambda: p.active_nodes() == [p.a], 10, "node A alone active")
+        yield p
+    finally:
+        p.stop()
+
+
+# ------------------------------------------------------------------ HAProxy
+
+class HAProxy:
+    """`haproxy -db -f deploy/haproxy.cfg` on a free port, in front of a Pair."""
+
+    def __init__(self, pair: Pair, workdir: Path) -> None:
+        self.pair = pair
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "haproxy.log"
+        self.env = {**os.environ, "HACHAT_LB_HOST": "127.0.0.1",
+                    "HACHAT_LB_PORT": str(self.port),
+                    "HACHAT_NODE_A": f"127.0.0.1:{pair.ports[0]}",
+                    "HACHAT_NODE_B": f"127.0.0.1:{pair.ports[1]}",
+                    "HACHAT_LB_MAXCONN": "256", "HACHAT_LB_LOG_LEVEL": "info"}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> HAProxy:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(HAPROXY_CFG)],
+                                         env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        # HAProxy starts with every server up: wait until its checks took the passive one out,
+        # or a request could still reach B (which would only answer 503 not_active).
+        poll_until(lambda: self.marked_down("node_b"), 15, f"haproxy marking node_b down\n{self.log()}")
+        self.wait_routes_to("node-a", timeout=15)
+        return self
+
+    def marked_down(self, server: str) -> bool:
+        """Whether the log says the checks took `server` (node_a / node_b) out, and it has not
+        come back since."""
+        text = self.log_path.read_text(errors="replace")
+        down = text.rfind(f"Server hachat_nodes/{server} is DOWN")
+        return down >= 0 and down > text.rfind(f"Server hachat_nodes/{server} is UP")
+
+    def node_behind(self) -> str | None:
+        """Which node answers through the proxy, when it is the active one (else None)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"haproxy exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            reply = call(self.url, "GET", "/health", timeout=2)
+        except OSError:
+            return None
+        if reply.status == 200 and reply.json.get("active"):
+            return reply.json.get("node")
+        return None
+
+    def wait_routes_to(self, node: str, timeout: float) -> None:
+        """Until several requests in a row reach `node`, and it is active."""
+        def settled() -> bool:
+            return all(self.node_behind() == node for _ in range(3))
+
+        poll_until(settled, timeout, f"haproxy routing to active {node}\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+
+def haproxy_available() -> tuple[bool, str]:
+    if shutil.which("haproxy") is None:
+        return False, "haproxy is not installed (Debian package `haproxy`)"
+    out = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout
+    found = re.search(r"version (\d+)\.(\d+)", out)
+    if not found or (int(found[1]), int(found[2])) < (2, 2):
+        return False, f"haproxy >= 2.2 is needed, found: {out.splitlines()[:1]}"
+    return True, ""
+
+
+@pytest.fixture
+def haproxy(pair, tmp_path) -> Iterator[HAProxy]:
+    ok, reason = haproxy_available()
+    need("haproxy", ok, reason)
+    lb = HAProxy(pair, tmp_path)
+    try:
+        yield lb.start()
+    finally:
+        lb.stop()
+
+
+# ------------------------------------------------------------------ browser
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session (each test opens its own contexts)."""
+    have_chromium = os.access(CHROMIUM, os.X_OK)
+    need("browser", have_chromium, f"{CHROMIUM} is not installed (Debian package `chromium`)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        need("browser", False, "Playwright for Python is not installed (pip install -e '.[test]')")
+        raise
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            with contextlib.suppress(Exception):
+                b.close()
+
+
+@pytest.fixture
+def screenshot(request) -> Callable:
+    """screenshot(page, "what") saves artifacts/screenshots/<test>--<what>.png."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    test = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-")
+
+    def take(page, what: str) -> Path:
+        path = SCREENSHOTS / f"{test}--{what}.png"
+        page.screenshot(path=str(path), full_page=True)
+        return path
+
+    return take

@@ -102,8 +102,10 @@ def test_post_list_delete_and_events(pair):
         events.extend(page["events"])
         cursor = page["cursor"]
     assert [e["id"] for e in events] == sorted({e["id"] for e in events})
-    created = [e["data"]["id"] for e in events if e["type"] == "message.created"]
-    assert created == [m["id"] for m in posted[1:]] + [once["id"]]  # the deleted one redacted
+    created = [e["data"] for e in events if e["type"] == "message.created"]
+    assert [m["id"] for m in created] == [m["id"] for m in posted] + [once["id"]]
+    assert created[0]["content"] is None and created[0]["deleted"] is True  # redacted
+    assert [m["content"] for m in created[1:]] == [m["content"] for m in posted[1:]] + ["only once"]
     assert [e["data"]["id"] for e in events if e["type"] == "message.deleted"] == [posted[0]["id"]]
     assert events[-1]["data"] == {"message": {"typing": True}, "from": ana.user_id}
     assert bea.cursor == cursor

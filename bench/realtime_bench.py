@@ -1,0 +1,781 @@
+"""Real-time delivery benchmark: thousands of parked long-polls on one hachat node (SQLite).
+
+    python -m bench.realtime_bench            # the full run (10,000 clients; a few minutes)
+    python -m bench.realtime_bench --quick    # CI smoke run (< 60 s)
+
+What it does:
+
+1. Seeds a fresh SQLite database in a temporary directory straight through the store layer
+   (users share one precomputed argon2 hash, so no /login is needed), then starts one node.
+2. A load client spread over several processes (each a `selectors` loop over raw sockets)
+   parks `GET /events?since=<cursor>&timeout=60` requests and stamps the arrival of each
+   answer's first byte with `time.monotonic()` (CLOCK_MONOTONIC: one clock for every process
+   on Linux), taken when `select()` returns, so a stamp is never earlier than the arrival.
+3. Measures (a) clients held (checked with GET /stats: hub.waiters) and the server's RSS while
+   they wait; (b)/(c) for one message POSTed to a group whose members are all waiting, the time
+   from just before the POST is written until each member's answer arrives (p50/p99/max,
+   several rounds, median of the p99s); (d) connect-park-disconnect cycles: waiters and open
+   connections back to baseline, and the server's RSS before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import multiprocessing as mp
+import os
+import selectors
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    KeepAliveHTTP,
+    NodeProc,
+    format_table,
+    latency_summary,
+    raise_nofile_limit,
+    read_rss_bytes,
+    verdict,
+)
+
+ADMIN_TOKEN = "bench-admin-" + os.urandom(6).hex()
+PASSWORD = "bench password 1"
+MiB = 1024 * 1024
+# RSS may grow this much over the connect-wait-disconnect cycles and still count as "none".
+RSS_GROWTH_TOLERANCE = 8 * MiB
+
+TARGETS = {"clients": 10_000, "rss": 1024 * MiB, "p99_small": 30.0, "p99_big": 150.0}
+
+
+# ============================================================================================
+# Seeding
+# ============================================================================================
+
+@dataclass
+class Seeded:
+    poster_token: str
+    tokens: list[str]  # one per waiting client, index = client number
+    groups: dict[str, int]
+    seconds: float
+
+
+def seed_database(url: str, clients: int, small: int, big: int) -> Seeded:
+    """Users u00000.. (the waiting clients) and `poster`, all with one precomputed argon2 hash;
+    groups: g-small (poster + the first `small` clients), g-big (poster + the first `big`),
+    lobby (everyone; never posted to, it only makes each waiter watch several groups)."""
+    from argon2 import PasswordHasher
+
+    from hachat.store import accounts, chat
+    from hachat.store.db import Database
+
+    started = time.monotonic()
+    password_hash = PasswordHasher().hash(PASSWORD)
+    db = Database(url)
+    try:
+        db.upgrade()
+        with db.write() as s:
+            poster = accounts.create_user(s, "poster", password_hash)
+            poster_token = accounts.issue_token(s, poster.id)
+            ids: list[int] = []
+            tokens: list[str] = []
+            for i in range(clients):
+                user = accounts.create_user(s, f"u{i:05d}", password_hash)
+                ids.append(user.id)
+                tokens.append(accounts.issue_token(s, user.id))
+            groups = {
+                "small": chat.create_group(s, "g-small", poster.id, ids[:small]).id,
+                "big": chat.create_group(s, "g-big", poster.id, ids[:big]).id,
+                "lobby": chat.create_group(s, "lobby", poster.id, ids).id,
+            }
+    finally:
+        db.dispose()
+    return Seeded(poster_token, tokens, groups, time.monotonic() - started)
+
+
+# ============================================================================================
+# The load client: one process, many raw sockets, one selectors loop
+# ============================================================================================
+
+NEW, CONNECTING, WAITING, IDLE = range(4)
+MAX_CONNECTING = 64  # connects in progress per process at a time
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+class Slot:
+    """One client: its token, its socket and the answer it is waiting for."""
+
+    __slots__ = ("index", "token", "sock", "state", "buf", "t_first", "header_end",
+                 "content_length", "request")
+
+    def __init__(self, index: int, token: str) -> None:
+        self.index = index
+        self.token = token
+        self.sock: socket.socket | None = None
+        self.state = NEW
+        self.buf = bytearray()
+        self.t_first = 0.0
+        self.header_end = -1
+        self.content_length = -1
+        self.request = b""
+
+
+class ClientWorker:
+    """Runs in a child process; obeys commands from the coordinator over a Pipe:
+
+    ("arm", indices, since, timeout)  send GET /events on each (connecting first if needed);
+                                      answers ("sent", sent, failed) once all are written
+    ("collect", expected, seconds)    answers ("collected", results, waiting) once `expected`
+                                      deliveries arrived or `seconds` passed
+    ("close", indices|None, rst)      close sockets (RST when `rst`); answers ("closed", n)
+    ("counts",)                       answers ("counts", {state: n, ...})
+    ("stop",)                         exits
+
+    A delivery is an answer with events (or an error status); an answer with no events (the
+    long-poll timed out) re-arms the same socket from the cursor it carries.
+    """
+
+    def __init__(self, conn: Connection, host: str, port: int, source_ip: str,
+                 tokens: dict[int, str]) -> None:
+        self.conn = conn
+        self.address = (host, port)
+        self.source_ip = source_ip
+        self.slots = {i: Slot(i, t) for i, t in tokens.items()}
+        self.sel = selectors.DefaultSelector()
+        self.connect_queue: list[Slot] = []
+        self.connecting = 0
+        self.arm_outstanding = 0
+        self.arm_sent = 0
+        self.arm_failed = 0
+        self.arm_reply_due = False
+        self.results: list[tuple] = []
+        self.collect: tuple[int, float] | None = None
+        self.rearmed = 0
+        self.errors: dict[str, int] = {}
+        self.stopping = False
+
+    # -- main loop -----------------------------------------------------------------------
+    def run(self) -> None:
+        self.sel.register(self.conn.fileno(), selectors.EVENT_READ, None)
+        monotonic = time.monotonic
+        while not self.stopping:
+            busy = self.connect_queue or self.collect is not None
+            ready = self.sel.select(0.02 if busy else 0.5)
+            now = monotonic()  # the arrival stamp for everything in this batch
+            for key, _mask in ready:
+                slot = key.data
+                if slot is None:
+                    while self.conn.poll():
+                        self.command(self.conn.recv())
+                elif slot.state == CONNECTING:
+                    self.connected(slot)
+                else:
+                    self.readable(slot, now)
+            self.start_connects()
+            self.reply_if_due()
+
+    def reply_if_due(self) -> None:
+        if self.arm_reply_due and self.arm_outstanding == 0:
+            self.arm_reply_due = False
+            self.conn.send(("sent", self.arm_sent, self.arm_failed))
+        if self.collect is not None:
+            expected, deadline = self.collect
+            if len(self.results) >= expected or time.monotonic() >= deadline:
+                waiting = sum(1 for s in self.slots.values() if s.state == WAITING)
+                results, self.results = self.results, []
+                self.collect = None
+                self.conn.send(("collected", results, waiting))
+
+    def command(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "arm":
+            _, indices, since, timeout = cmd
+            self.arm(indices, since, timeout)
+        elif kind == "collect":
+            _, expected, seconds = cmd
+            self.collect = (expected, time.monotonic() + seconds)
+        elif kind == "close":
+            _, indices, rst = cmd
+            n = 0
+            for i in (self.slots if indices is None else indices):
+                slot = self.slots[i]
+                if slot.sock is not None:
+                    self.drop(slot, rst=rst)
+                    n += 1
+            self.conn.send(("closed", n))
+        elif kind == "counts":
+            counts: dict[str, int] = {}
+            for s in self.slots.values():
+                name = ("new", "connecting", "waiting", "idle")[s.state]
+                counts[name] = counts.get(name, 0) + 1
+            counts["rearmed"] = self.rearmed
+            counts.update({f"error:{k}": v for k, v in self.errors.items()})
+            self.conn.send(("counts", counts))
+        elif kind == "stop":
+            self.stopping = True
+            for slot in self.slots.values():
+                if slot.sock is not None:
+                    self.drop(slot)
+        else:
+            raise ValueError(f"unknown command {kind!r}")
+
+    # -- arming ---------------------------------------------------------------------------
+    def arm(self, indices: list[int], since: int, timeout: float) -> None:
+        self.arm_outstanding = 0
+        self.arm_sent = self.arm_failed = 0
+        self.arm_reply_due = True
+        for i in indices:
+            slot = self.slots[i]
+            slot.request = (f"GET /events?since={since}&timeout={timeout:g} HTTP/1.1\r\n"
+                            f"Host: bench\r\nAuthorization: Bearer {slot.token}\r\n\r\n"
+                            ).encode("ascii")
+            self.arm_outstanding += 1
+            if slot.state == IDLE:
+                self.send_request(slot)
+            elif slot.state == NEW:
+                self.connect_queue.append(slot)
+            else:  # already waiting or connecting: nothing more to do
+                self.arm_outstanding -= 1
+        self.connect_queue.reverse()  # pop() from the end, in index order
+
+    def start_connects(self) -> None:
+        while self.connect_queue and self.connecting < MAX_CONNECTING:
+            slot = self.connect_queue.pop()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((self.source_ip, 0))
+                sock.setblocking(False)
+                err = sock.connect_ex(self.address)
+            except OSError as exc:
+                sock.close()
+                self.failed_arm(slot, f"socket:{exc.errno}")
+                continue
+            if err not in (0, errno.EINPROGRESS):
+                sock.close()
+                self.failed_arm(slot, f"connect:{errno.errorcode.get(err, err)}")
+                continue
+            slot.sock = sock
+            slot.state = CONNECTING
+            self.connecting += 1
+            self.sel.register(sock, selectors.EVENT_WRITE, slot)
+
+    def connected(self, slot: Slot) -> None:
+        self.connecting -= 1
+        sock = slot.sock
+        assert sock is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.sel.unregister(sock)
+            sock.close()
+            slot.sock = None
+            slot.state = NEW
+            self.failed_arm(slot, f"connect:{errno.errorcode.get(err, err)}")
+            return
+        self.sel.modify(sock, selectors.EVENT_READ, slot)
+        self.send_request(slot)
+
+    def send_request(self, slot: Slot) -> None:
+        slot.buf.clear()
+        slot.t_first = 0.0
+        slot.header_end = slot.content_length = -1
+        try:
+            sent = slot.sock.send(slot.request)  # type: ignore[union-attr]
+        except OSError as exc:
+            self.drop(slot)
+            self.failed_arm(slot, f"send:{exc.errno}")
+            return
+        if sent != len(slot.request):  # a few hundred bytes always fit a fresh socket buffer
+            self.drop(slot)
+            self.failed_arm(slot, "short-send")
+            return
+        slot.state = WAITING
+        self.arm_outstanding -= 1
+        self.arm_sent += 1
+
+    def failed_arm(self, slot: Slot, why: str) -> None:
+        self.errors[why] = self.errors.get(why, 0) + 1
+        self.arm_outstanding -= 1
+        self.arm_failed += 1
+
+    # -- answers ----------------------------------------------------------------------------
+    def readable(self, slot: Slot, now: float) -> None:
+        sock = slot.sock
+        assert sock is not None
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            data = b""
+            self.errors[f"recv:{exc.errno}"] = self.errors.get(f"recv:{exc.errno}", 0) + 1
+        if not data:
+            if slot.state == WAITING:
+                self.results.append((slot.index, now, -1, -1, 0, None))
+            self.drop(slot)
+            return
+        if slot.state != WAITING:
+            self.errors["unexpected-bytes"] = self.errors.get("unexpected-bytes", 0) + 1
+            return
+        if not slot.buf:
+            slot.t_first = now
+        buf = slot.buf
+        buf += data
+        if slot.header_end < 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            slot.header_end = end + 4
+            slot.content_length = content_length(bytes(buf[:slot.header_end]))
+        if len(buf) < slot.header_end + slot.content_length:
+            return
+        self.complete(slot)
+
+    def complete(self, slot: Slot) -> None:
+        buf = slot.buf
+        status = int(buf[9:12])
+        body = bytes(buf[slot.header_end:slot.header_end + slot.content_length])
+        head = bytes(buf[:slot.header_end]).lower()
+        slot.state = IDLE
+        if b"\r\nconnection: close" in head:
+            self.drop(slot)
+        if status == 200 and b'"events":[]' in body:
+            # The long-poll timed out (or the hub asked for a re-read): wait again from there.
+            self.rearmed += 1
+            if slot.sock is not None:
+                cursor = json.loads(body)["cursor"]
+                slot.request = slot.request.replace(
+                    slot.request[slot.request.index(b"since="):slot.request.index(b"&")],
+                    f"since={cursor}".encode())
+                self.arm_outstanding += 1
+                self.send_request(slot)
+            return
+        cursor, n_events, message_id = -1, 0, None
+        if status == 200:
+            doc = json.loads(body)
+            cursor = doc["cursor"]
+            n_events = len(doc["events"])
+            first = doc["events"][0]
+            if first.get("type") == "message.created":
+                message_id = first["data"]["id"]
+        self.results.append((slot.index, slot.t_first, status, cursor, n_events, message_id))
+
+    def drop(self, slot: Slot, rst: bool = False) -> None:
+        sock = slot.sock
+        if sock is None:
+            return
+        if slot.state == CONNECTING:
+            self.connecting -= 1
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(sock)
+        if rst:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()
+        slot.sock = None
+        slot.state = NEW
+
+
+def content_length(head: bytes) -> int:
+    """The Content-Length of a response head (0 when absent)."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def worker_main(conn: Connection, host: str, port: int, source_ip: str,
+                tokens: dict[int, str]) -> None:
+    raise_nofile_limit()
+    try:
+        ClientWorker(conn, host, port, source_ip, tokens).run()
+    except KeyboardInterrupt:
+        pass
+
+
+class LoadClient:
+    """The coordinator's handle on the client processes. Client i lives in process i % P."""
+
+    def __init__(self, processes: int, host: str, port: int, tokens: list[str]) -> None:
+        ctx = mp.get_context("fork")
+        self.n = processes
+        self.pipes: list[Connection] = []
+        self.procs = []
+        for w in range(processes):
+            mine = {i: t for i, t in enumerate(tokens) if i % processes == w}
+            parent, child = ctx.Pipe()
+            # Each process its own source address: 10,000s of connects never run out of ports.
+            p = ctx.Process(target=worker_main, name=f"rt-client-{w}", daemon=True,
+                            args=(child, host, port, f"127.0.0.{10 + w}", mine))
+            p.start()
+            child.close()
+            self.pipes.append(parent)
+            self.procs.append(p)
+
+    def _split(self, indices: list[int]) -> list[list[int]]:
+        parts: list[list[int]] = [[] for _ in range(self.n)]
+        for i in indices:
+            parts[i % self.n].append(i)
+        return parts
+
+    def _gather(self, kind: str, timeout: float) -> list[tuple]:
+        replies: dict[int, tuple] = {}
+        deadline = time.monotonic() + timeout
+        while len(replies) < self.n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"client processes did not answer {kind!r} in {timeout} s")
+            for pipe in wait([p for i, p in enumerate(self.pipes) if i not in replies], left):
+                msg = pipe.recv()
+                if msg[0] != kind:
+                    raise RuntimeError(f"expected {kind!r} from a client process, got {msg[0]!r}")
+                replies[self.pipes.index(pipe)] = msg
+        return [replies[i] for i in range(self.n)]
+
+    def arm(self, indices: list[int], since: int, timeout: float = 60.0,
+            wait_seconds: float = 300.0) -> tuple[int, int]:
+        for pipe, part in zip(self.pipes, self._split(indices), strict=True):
+            pipe.send(("arm", part, since, timeout))
+        replies = self._gather("sent", wait_seconds)
+        return sum(r[1] for r in replies), sum(r[2] for r in replies)
+
+    def collect_round(self, expected_by_proc: list[int], seconds: float
+                      ) -> tuple[list[tuple], int]:
+        for pipe, expected in zip(self.pipes, expected_by_proc, strict=True):
+            pipe.send(("collect", expected, seconds))
+        replies = self._gather("collected", seconds + 30)
+        results = [r for reply in replies for r in reply[1]]
+        return results, sum(reply[2] for reply in replies)
+
+    def expected_by_proc(self, indices: list[int]) -> list[int]:
+        return [len(part) for part in self._split(indices)]
+
+    def close(self, indices: list[int] | None = None, rst: bool = False) -> int:
+        parts = self._split(indices) if indices is not None else [None] * self.n
+        for pipe, part in zip(self.pipes, parts, strict=True):
+            pipe.send(("close", part, rst))
+        return sum(r[1] for r in self._gather("closed", 60))
+
+    def counts(self) -> dict[str, int]:
+        for pipe in self.pipes:
+            pipe.send(("counts",))
+        total: dict[str, int] = {}
+        for reply in self._gather("counts", 30):
+            for k, v in reply[1].items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def stop(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("stop",))
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+
+
+# ============================================================================================
+# The coordinator
+# ============================================================================================
+
+@dataclass
+class Report:
+    params: dict[str, Any]
+    figures: dict[str, Any] = field(default_factory=dict)
+    rows: list[tuple] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.report = Report(params={k: v for k, v in vars(args).items() if k != "json"})
+
+    # -- node helpers -----------------------------------------------------------------------
+    def stats(self) -> dict:
+        reply = self.admin.request("GET", "/stats", token=ADMIN_TOKEN)
+        if reply.status != 200:
+            raise RuntimeError(f"GET /stats answered {reply.status}: {reply.body[:200]!r}")
+        return reply.json()
+
+    def wait_stats(self, what: str, predicate, timeout: float) -> tuple[dict, float]:
+        """Poll /stats until `predicate(stats)`; returns (stats, seconds waited)."""
+        started = time.monotonic()
+        deadline = started + timeout
+        while True:
+            st = self.stats()
+            if predicate(st):
+                return st, time.monotonic() - started
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: not reached in {timeout} s; last stats: "
+                                   f"hub={st['hub']} http={st['http']} "
+                                   f"clients={self.clients.counts()}")
+            time.sleep(0.05)
+
+    def waiters(self, st: dict) -> int:
+        return st["hub"]["waiters"]
+
+    def rss(self) -> int:
+        return read_rss_bytes(self.node.pid)
+
+    def cursor(self) -> int:
+        reply = self.poster.request("GET", "/events", token=self.seeded.poster_token)
+        return reply.json()["cursor"]
+
+    def settle(self, seconds: float = 1.0) -> None:
+        time.sleep(seconds)
+
+    # -- phases ---------------------------------------------------------------------------
+    def phase_hold(self, n: int) -> None:
+        """(a) n clients parked at once; RSS while they wait."""
+        log(f"(a) parking {n} long-polls ...")
+        rss_idle = self.rss()
+        since = self.cursor()
+        started = time.monotonic()
+        sent, failed = self.clients.arm(list(range(n)), since)
+        st, _ = self.wait_stats("all clients waiting", lambda s: self.waiters(s) >= n, 300)
+        park_seconds = time.monotonic() - started
+        self.settle(1.0)
+        st = self.stats()
+        held = self.waiters(st)
+        rss = self.rss()
+        log(f"    {held} waiting after {park_seconds:.1f} s ({n / park_seconds:.0f}/s); "
+            f"RSS {rss / MiB:.0f} MiB (idle {rss_idle / MiB:.0f} MiB); "
+            f"connections {st['http']['connections']}, parked {st['http']['parked']}")
+        self.report.figures["hold"] = {
+            "clients": n, "sent": sent, "failed": failed, "hub_waiters": held,
+            "http_parked": st["http"]["parked"], "connections": st["http"]["connections"],
+            "park_seconds": round(park_seconds, 2), "rss_bytes": rss, "rss_idle_bytes": rss_idle,
+            "rss_per_waiter_bytes": round((rss - rss_idle) / max(1, held)),
+        }
+        ok_held = held == n and failed == 0
+        self.report.rows.append((f"(a) waiting clients held (hub.waiters, of {n})", held,
+                                 f"= {n}", verdict(ok_held)))
+        self.report.rows.append((f"(a) server RSS with {held} waiting",
+                                 f"{rss / MiB:.0f} MiB", "< 1024 MiB",
+                                 verdict(rss < TARGETS["rss"])))
+        if not ok_held:
+            self.report.failures.append("hold")
+        # Everyone hangs up at once: the hub must drop them all.
+        self.clients.close()
+        _, seconds = self.wait_stats("mass disconnect cleaned up",
+                                     lambda s: self.waiters(s) == 0
+                                     and s["http"]["connections"] <= self.baseline_conns, 60)
+        log(f"    all {n} disconnected: waiters 0, connections back to baseline in "
+            f"{seconds:.2f} s")
+
+    def phase_delivery(self, label: str, group: int, members: int, rounds: int,
+                       target_ms: float) -> None:
+        """(b)/(c) one message to a group whose `members` members are all waiting."""
+        log(f"({label}) delivery to {members} waiting members, {rounds} rounds ...")
+        indices = list(range(members))
+        expected = self.clients.expected_by_proc(indices)
+        per_round = []
+        for r in range(rounds):
+            since = self.cursor()
+            sent, failed = self.clients.arm(indices, since)
+            if failed:
+                raise RuntimeError(f"{failed} clients could not send their long-poll")
+            self.wait_stats(f"{members} waiting", lambda s: self.waiters(s) >= members, 300)
+            self.settle(0.5)
+            self.poster.connect()
+            t0 = time.monotonic()
+            reply = self.poster.request("POST", "/messages",
+                                        {"groupId": group, "content": f"round {r} to {members}"},
+                                        token=self.seeded.poster_token)
+            t_ack = time.monotonic()
+            if reply.status != 201:
+                raise RuntimeError(f"POST /messages answered {reply.status}: {reply.body!r}")
+            message_id = reply.json()["id"]
+            results, still_waiting = self.clients.collect_round(expected, 30)
+            good = [t - t0 for (_i, t, status, _c, n_ev, mid) in results
+                    if status == 200 and n_ev >= 1 and mid == message_id]
+            bad = len(results) - len(good)
+            summary = latency_summary(good)
+            summary.update({"delivered": len(good), "bad": bad, "missing": members - len(good),
+                            "post_ack_ms": round((t_ack - t0) * 1000, 2)})
+            per_round.append(summary)
+            log(f"    round {r + 1}: delivered {len(good)}/{members}"
+                f"{f', bad {bad}' if bad else ''}{f', still waiting {still_waiting}' if still_waiting else ''}; "
+                f"p50 {summary['p50']:.1f} ms, p99 {summary['p99']:.1f} ms, "
+                f"max {summary['max']:.1f} ms; POST acked after {summary['post_ack_ms']:.1f} ms")
+        p99s = [s["p99"] for s in per_round]
+        median_p99 = statistics.median(p99s)
+        all_delivered = all(s["delivered"] == members and s["bad"] == 0 for s in per_round)
+        self.report.figures[f"delivery_{members}"] = {
+            "members": members, "rounds": per_round, "median_p99_ms": median_p99}
+        vals = ", ".join(f"{s['p50']:.0f}/{s['p99']:.0f}/{s['max']:.0f}" for s in per_round)
+        self.report.rows.append((f"({label}) {members} members: p99 ms (median of {rounds})",
+                                 f"{median_p99:.1f}", f"<= {target_ms:g}",
+                                 verdict(median_p99 <= target_ms and all_delivered)))
+        self.report.rows.append((f"    rounds p50/p99/max ms", vals, "", ""))
+        if not all_delivered:
+            self.report.rows.append((f"    missing or wrong answers", sum(
+                s["missing"] + s["bad"] for s in per_round), "0", "FAIL"))
+
+    def phase_cycles(self, total: int, batch: int, n_clients: int) -> None:
+        """(d) connect, park, disconnect before any event; `batch` clients at a time
+        (alternately closing with FIN and with RST)."""
+        log(f"(d) {total} connect-wait-disconnect cycles, {batch} at a time ...")
+        self.clients.close()
+        self.wait_stats("idle before cycles", lambda s: self.waiters(s) == 0
+                        and s["http"]["connections"] <= self.baseline_conns, 60)
+        self.settle(1.0)
+        rss_before = self.rss()
+        rss_marks = []
+        done = 0
+        start = 0
+        since = self.cursor()
+        started = time.monotonic()
+        n_batch = 0
+        while done < total:
+            size = min(batch, total - done)
+            indices = [(start + k) % n_clients for k in range(size)]
+            start = (start + size) % n_clients
+            sent, failed = self.clients.arm(indices, since)
+            if failed:
+                raise RuntimeError(f"{failed} clients could not send their long-poll")
+            self.wait_stats("batch waiting", lambda s, size=size: self.waiters(s) >= size, 120)
+            self.clients.close(indices, rst=n_batch % 2 == 1)
+            self.wait_stats("batch gone", lambda s: self.waiters(s) == 0, 60)
+            done += size
+            n_batch += 1
+            rss_marks.append((done, self.rss()))
+        seconds = time.monotonic() - started
+        st, _ = self.wait_stats("connections back to baseline",
+                                lambda s: s["http"]["connections"] <= self.baseline_conns, 60)
+        self.settle(1.0)
+        st = self.stats()
+        rss_after = self.rss()
+        growth = rss_after - rss_before
+        waiters = self.waiters(st)
+        conns = st["http"]["connections"]
+        log(f"    {done} cycles in {seconds:.1f} s; waiters {waiters}, connections {conns} "
+            f"(baseline {self.baseline_conns}), parked {st['http']['parked']}, "
+            f"hub users {st['hub']['users']}, groups {st['hub']['groups']}; RSS "
+            f"{rss_before / MiB:.1f} -> {rss_after / MiB:.1f} MiB; after each batch: "
+            + " ".join(f"{r / MiB:.1f}" for _, r in rss_marks))
+        self.report.figures["cycles"] = {
+            "cycles": done, "seconds": round(seconds, 2), "waiters_after": waiters,
+            "connections_after": conns, "baseline_connections": self.baseline_conns,
+            "hub_after": st["hub"], "http_after": st["http"],
+            "rss_before_bytes": rss_before, "rss_after_bytes": rss_after,
+            "rss_marks": rss_marks,
+        }
+        self.report.rows.append((f"(d) waiters after {done} cycles", waiters, "0",
+                                 verdict(waiters == 0 and st["hub"]["users"] == 0
+                                         and st["hub"]["groups"] == 0)))
+        self.report.rows.append(("(d) open connections after cycles",
+                                 f"{conns} (baseline {self.baseline_conns})", "baseline",
+                                 verdict(conns == self.baseline_conns
+                                         and st["http"]["parked"] == 0)))
+        self.report.rows.append(("(d) server RSS before -> after cycles",
+                                 f"{rss_before / MiB:.1f} -> {rss_after / MiB:.1f} MiB "
+                                 f"({growth / MiB:+.1f})",
+                                 f"growth <= {RSS_GROWTH_TOLERANCE / MiB:.0f} MiB",
+                                 verdict(growth <= RSS_GROWTH_TOLERANCE)))
+
+    # -- the whole run ------------------------------------------------------------------------
+    def run(self) -> Report:
+        a = self.args
+        workdir = Path(tempfile.mkdtemp(prefix="hachat-rt-bench-"))
+        url = f"sqlite:///{workdir / 'bench.db'}"
+        raise_nofile_limit()
+        log(f"seeding {a.clients} users + groups of {a.small} and {a.big} into {url} ...")
+        self.seeded = seed_database(url, a.clients, a.small, a.big)
+        log(f"    seeded in {self.seeded.seconds:.1f} s")
+        self.node = NodeProc("rt-node", {"DATABASE_URL": url, "IS_ACTIVE": "true",
+                                         "ADMIN_TOKEN": ADMIN_TOKEN, "LOG_LEVEL": "WARNING"},
+                             workdir)
+        self.clients: LoadClient | None = None
+        try:
+            self.node.start()
+            self.node.wait_health(timeout=60, active=True)
+            self.admin = KeepAliveHTTP(self.node.url)
+            self.poster = KeepAliveHTTP(self.node.url)
+            self.cursor()  # opens the poster's connection
+            self.clients = LoadClient(a.processes, "127.0.0.1", self.node.port,
+                                      self.seeded.tokens)
+            self.baseline_conns = self.stats()["http"]["connections"]
+            self.report.figures["baseline_connections"] = self.baseline_conns
+            self.report.figures["rss_start_bytes"] = self.rss()
+            self.phase_hold(a.clients)
+            self.phase_delivery("b", self.seeded.groups["small"], a.small, a.rounds,
+                                TARGETS["p99_small"])
+            self.phase_delivery("c", self.seeded.groups["big"], a.big, a.rounds,
+                                TARGETS["p99_big"])
+            self.phase_cycles(a.cycles, min(a.cycle_batch, a.clients), a.clients)
+            self.report.figures["client_counts"] = self.clients.counts()
+            self.report.figures["rss_end_bytes"] = self.rss()
+        finally:
+            if self.clients is not None:
+                self.clients.stop()
+            self.node.stop()
+            if a.keep:
+                log(f"kept {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+        return self.report
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.realtime_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke run: 500 clients, groups of 200 and 500, 1,000 cycles, 3 rounds")
+    p.add_argument("--clients", type=int, help="waiting clients in (a) (default 10000)")
+    p.add_argument("--small", type=int, help="members of the group in (b) (default 1000)")
+    p.add_argument("--big", type=int, help="members of the group in (c) (default 5000)")
+    p.add_argument("--rounds", type=int, help="messages per group size (default 5)")
+    p.add_argument("--cycles", type=int, help="connect-wait-disconnect cycles (default 10000)")
+    p.add_argument("--cycle-batch", type=int, default=2000, help="clients per cycle batch")
+    p.add_argument("--processes", type=int, default=4, help="load-client processes (default 4)")
+    p.add_argument("--json", metavar="FILE", help="also write every figure as JSON to FILE")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    args = p.parse_args(argv)
+    defaults = ((500, 200, 500, 3, 1000) if args.quick else (10_000, 1000, 5000, 5, 10_000))
+    for name, value in zip(("clients", "small", "big", "rounds", "cycles"), defaults,
+                           strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if not (0 < args.small <= args.big <= args.clients):
+        p.error("need 0 < --small <= --big <= --clients")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    report = Bench(args).run()
+    elapsed = time.monotonic() - started
+    title = (f"hachat real-time benchmark ({'quick' if args.quick else 'full'}): SQLite, "
+             f"{args.processes} client processes, {os.cpu_count()} CPUs, "
+             f"{time.strftime('%Y-%m-%d %H:%M')}, {elapsed:.0f} s")
+    print(title)
+    print(format_table(("measure", "value", "target", "verdict"), report.rows))
+    failed = [r for r in report.rows if r[3] == "FAIL"]
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"title": title, "params": report.params, "figures": report.figures,
+             "rows": report.rows}, indent=2, default=str))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

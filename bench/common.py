@@ -308,7 +308,8 @@ def parse_wrk(text: str) -> WrkResult:
     errors: dict[str, int] = {}
     m = _SOCKET.search(text)
     if m:
-        errors = dict(zip(("connect", "read", "write", "timeout"), map(int, m.groups())))
+        errors = dict(zip(("connect", "read", "write", "timeout"), map(int, m.groups()),
+                          strict=True))
     m = _NON2XX.search(text)
     non_2xx = int(m.group(1)) if m else 0
     return WrkResult(requests, seconds, rps, percentiles, non_2xx, errors, text)
@@ -382,3 +383,229 @@ def fmt_ms(value: float) -> str:
     if value != value:
         return "-"
     return f"{value:.2f} ms" if value < 10 else f"{value:.1f} ms"
+
+
+# -- realtime and failover benchmarks: processes, RSS, percentiles, tables ----------------------
+# (Imports these helpers need beyond the module's own are made inside them.)
+
+def read_rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc/<pid>/status (VmRSS), in bytes."""
+    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def read_sched_ns(pid: int) -> tuple[int, int]:
+    """(on-CPU ns, runnable-but-waiting-for-a-CPU ns) summed over every thread of a process,
+    from /proc/<pid>/task/*/schedstat (threads that already ended are not counted)."""
+    run = wait = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as f:
+                fields = f.read().split()
+        except OSError:
+            continue
+        run += int(fields[0])
+        wait += int(fields[1])
+    return run, wait
+
+
+def nearest_rank_percentile(values: Iterable[float], q: float) -> float:
+    """The q-th percentile (0 < q <= 100) by the nearest-rank method: the smallest value with
+    at least q% of the values at or below it. NaN for no values."""
+    import math
+
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def latency_summary(seconds: Iterable[float]) -> dict[str, float]:
+    """n, p50, p99 and max (nearest rank) of durations given in seconds, in milliseconds."""
+    ms = [s * 1000.0 for s in seconds]
+    return {"n": len(ms), "p50": nearest_rank_percentile(ms, 50),
+            "p99": nearest_rank_percentile(ms, 99), "max": max(ms) if ms else float("nan")}
+
+
+def format_table(headers: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
+    """A plain-text table, columns padded to their widest cell, a dashed line under the head."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def request_url(base_url: str, method: str, path: str, body: Any = None, *,
+                token: str | None = None, headers: Mapping[str, str] | None = None,
+                timeout: float = 10.0) -> Reply:
+    """One request to `base_url` (http://host:port) on a fresh connection; `body` is sent as
+    JSON unless it is bytes. Raises OSError / http.client.HTTPException on failure."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        data, hdrs = _request_parts(body, token, headers)
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.read(), {k.lower(): v for k, v in resp.getheaders()})
+    finally:
+        conn.close()
+
+
+def _request_parts(body: Any, token: str | None,
+                   headers: Mapping[str, str] | None) -> tuple[bytes | None, dict[str, str]]:
+    hdrs = dict(headers or {})
+    if token:
+        hdrs["Authorization"] = f"Bearer {token}"
+    data = None
+    if body is not None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+        hdrs.setdefault("Content-Type", "application/json")
+    return data, hdrs
+
+
+class KeepAliveHTTP:
+    """Requests over one reused connection to `base_url`, reconnecting after any failure.
+    Not thread-safe: one per thread."""
+
+    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(base_url)
+        self.base_url = base_url.rstrip("/")
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def connect(self) -> None:
+        if self._conn is None:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._conn = conn
+
+    def request(self, method: str, path: str, body: Any = None, *, token: str | None = None,
+                headers: Mapping[str, str] | None = None) -> Reply:
+        data, hdrs = _request_parts(body, token, headers)
+        try:
+            self.connect()
+            assert self._conn is not None
+            self._conn.request(method, path, body=data, headers=hdrs)
+            resp = self._conn.getresponse()
+            reply = Reply(resp.status, resp.read(), {k.lower(): v for k, v in resp.getheaders()})
+        except BaseException:
+            self.close()
+            raise
+        if reply.headers.get("connection", "").lower() == "close":
+            self.close()
+        return reply
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            import contextlib
+
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+class NodeProc:
+    """One `python -m hachat serve` child that can be killed and started again on the same port,
+    with its own environment (added to a copy of ours without DB_*/DATABASE_URL/PEER_URL/
+    IS_ACTIVE) and a log file that restarts append to. RLIMIT_NOFILE is raised in the child."""
+
+    def __init__(self, name: str, env: Mapping[str, str], workdir: Path,
+                 port: int | None = None) -> None:
+        self.name = name
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith("DB_") and k not in ("DATABASE_URL", "PEER_URL", "IS_ACTIVE")}
+        self.env = {**base, "HOST": "127.0.0.1", "NODE_ID": name, "PUBLIC_URL": self.url,
+                    "LOG_LEVEL": "INFO", **env, "PORT": str(self.port)}
+        self.workdir = workdir
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> NodeProc:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hachat", "serve"], env=self.env, cwd=self.workdir,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=child_setup())
+        self.starts += 1
+        return self
+
+    def health(self, timeout: float = 1.0) -> dict | None:
+        try:
+            reply = request_url(self.url, "GET", "/health", timeout=timeout)
+        except (OSError, http.client.HTTPException):
+            return None
+        return reply.json() if reply.status == 200 else None
+
+    def wait_health(self, timeout: float = 30.0, active: bool | None = None) -> dict:
+        """Until /health answers (and, when `active` is given, reports that)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; "
+                                   f"see {self.log_path}:\n{self.log_tail()}")
+            h = self.health()
+            if h is not None and (active is None or h.get("active") is active):
+                return h
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} not healthy (active={active}) after {timeout} s\n"
+                           f"{self.log_tail()}")
+
+    def send(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL this child (by its pid) and reap it."""
+        self.send(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGCONT + SIGTERM, wait; SIGKILL if it does not end in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])

@@ -30,7 +30,6 @@ import selectors
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from bench.common import (
     latency_summary,
     raise_nofile_limit,
     read_rss_bytes,
+    read_sched_ns,
     verdict,
 )
 
@@ -72,7 +72,8 @@ class Seeded:
 def seed_database(url: str, clients: int, small: int, big: int) -> Seeded:
     """Users u00000.. (the waiting clients) and `poster`, all with one precomputed argon2 hash;
     groups: g-small (poster + the first `small` clients), g-big (poster + the first `big`),
-    lobby (everyone; never posted to, it only makes each waiter watch several groups)."""
+    lobby (everyone; never posted to, it only makes each waiter watch several groups), warm-up
+    (the poster alone: one unmeasured message before each delivery phase)."""
     from argon2 import PasswordHasher
 
     from hachat.store import accounts, chat
@@ -96,6 +97,7 @@ def seed_database(url: str, clients: int, small: int, big: int) -> Seeded:
                 "small": chat.create_group(s, "g-small", poster.id, ids[:small]).id,
                 "big": chat.create_group(s, "g-big", poster.id, ids[:big]).id,
                 "lobby": chat.create_group(s, "lobby", poster.id, ids).id,
+                "warmup": chat.create_group(s, "warm-up", poster.id, []).id,
             }
     finally:
         db.dispose()
@@ -303,8 +305,11 @@ class ClientWorker:
         self.arm_outstanding -= 1
         self.arm_sent += 1
 
+    def count(self, what: str) -> None:
+        self.errors[what] = self.errors.get(what, 0) + 1
+
     def failed_arm(self, slot: Slot, why: str) -> None:
-        self.errors[why] = self.errors.get(why, 0) + 1
+        self.count(why)
         self.arm_outstanding -= 1
         self.arm_failed += 1
 
@@ -321,6 +326,7 @@ class ClientWorker:
             self.errors[f"recv:{exc.errno}"] = self.errors.get(f"recv:{exc.errno}", 0) + 1
         if not data:
             if slot.state == WAITING:
+                self.count("eof-while-waiting")
                 self.results.append((slot.index, now, -1, -1, 0, None))
             self.drop(slot)
             return
@@ -344,6 +350,8 @@ class ClientWorker:
     def complete(self, slot: Slot) -> None:
         buf = slot.buf
         status = int(buf[9:12])
+        if status != 200:
+            self.count(f"status-{status}")
         body = bytes(buf[slot.header_end:slot.header_end + slot.content_length])
         head = bytes(buf[:slot.header_end]).lower()
         slot.state = IDLE
@@ -398,10 +406,8 @@ def content_length(head: bytes) -> int:
 def worker_main(conn: Connection, host: str, port: int, source_ip: str,
                 tokens: dict[int, str]) -> None:
     raise_nofile_limit()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         ClientWorker(conn, host, port, source_ip, tokens).run()
-    except KeyboardInterrupt:
-        pass
 
 
 class LoadClient:
@@ -457,6 +463,15 @@ class LoadClient:
         replies = self._gather("collected", seconds + 30)
         results = [r for reply in replies for r in reply[1]]
         return results, sum(reply[2] for reply in replies)
+
+    def sched_ns(self) -> tuple[int, int]:
+        """(on-CPU ns, waiting-for-a-CPU ns) of all client processes together."""
+        run = wait = 0
+        for p in self.procs:
+            r, w = read_sched_ns(p.pid)
+            run += r
+            wait += w
+        return run, wait
 
     def expected_by_proc(self, indices: list[int]) -> list[int]:
         return [len(part) for part in self._split(indices)]
@@ -583,6 +598,11 @@ class Bench:
         indices = list(range(members))
         expected = self.clients.expected_by_proc(indices)
         per_round = []
+        warm = self.poster.request("POST", "/messages", {"groupId": self.seeded.groups["warmup"],
+                                                         "content": "warm-up"},
+                                   token=self.seeded.poster_token)
+        if warm.status != 201:
+            raise RuntimeError(f"warm-up POST answered {warm.status}: {warm.body!r}")
         for r in range(rounds):
             since = self.cursor()
             sent, failed = self.clients.arm(indices, since)
@@ -591,6 +611,8 @@ class Bench:
             self.wait_stats(f"{members} waiting", lambda s: self.waiters(s) >= members, 300)
             self.settle(0.5)
             self.poster.connect()
+            sched0 = read_sched_ns(self.node.pid)
+            clients0 = self.clients.sched_ns()
             t0 = time.monotonic()
             reply = self.poster.request("POST", "/messages",
                                         {"groupId": group, "content": f"round {r} to {members}"},
@@ -600,17 +622,28 @@ class Bench:
                 raise RuntimeError(f"POST /messages answered {reply.status}: {reply.body!r}")
             message_id = reply.json()["id"]
             results, still_waiting = self.clients.collect_round(expected, 30)
+            sched1 = read_sched_ns(self.node.pid)
+            clients1 = self.clients.sched_ns()
             good = [t - t0 for (_i, t, status, _c, n_ev, mid) in results
                     if status == 200 and n_ev >= 1 and mid == message_id]
             bad = len(results) - len(good)
             summary = latency_summary(good)
-            summary.update({"delivered": len(good), "bad": bad, "missing": members - len(good),
-                            "post_ack_ms": round((t_ack - t0) * 1000, 2)})
+            summary.update({
+                "delivered": len(good), "bad": bad, "missing": members - len(good),
+                "post_ack_ms": round((t_ack - t0) * 1000, 2),
+                "server_cpu_ms": round((sched1[0] - sched0[0]) / 1e6, 1),
+                "server_runqueue_wait_ms": round((sched1[1] - sched0[1]) / 1e6, 1),
+                "clients_cpu_ms": round((clients1[0] - clients0[0]) / 1e6, 1),
+                "clients_runqueue_wait_ms": round((clients1[1] - clients0[1]) / 1e6, 1)})
             per_round.append(summary)
             log(f"    round {r + 1}: delivered {len(good)}/{members}"
-                f"{f', bad {bad}' if bad else ''}{f', still waiting {still_waiting}' if still_waiting else ''}; "
+                f"{f', bad {bad}' if bad else ''}"
+                f"{f', still waiting {still_waiting}' if still_waiting else ''}; "
                 f"p50 {summary['p50']:.1f} ms, p99 {summary['p99']:.1f} ms, "
-                f"max {summary['max']:.1f} ms; POST acked after {summary['post_ack_ms']:.1f} ms")
+                f"max {summary['max']:.1f} ms; POST acked after {summary['post_ack_ms']:.1f} ms; "
+                f"server CPU {summary['server_cpu_ms']:.0f} ms, waited for a CPU "
+                f"{summary['server_runqueue_wait_ms']:.0f} ms; clients CPU "
+                f"{summary['clients_cpu_ms']:.0f} ms")
         p99s = [s["p99"] for s in per_round]
         median_p99 = statistics.median(p99s)
         all_delivered = all(s["delivered"] == members and s["bad"] == 0 for s in per_round)
@@ -620,9 +653,9 @@ class Bench:
         self.report.rows.append((f"({label}) {members} members: p99 ms (median of {rounds})",
                                  f"{median_p99:.1f}", f"<= {target_ms:g}",
                                  verdict(median_p99 <= target_ms and all_delivered)))
-        self.report.rows.append((f"    rounds p50/p99/max ms", vals, "", ""))
+        self.report.rows.append(("    rounds p50/p99/max ms", vals, "", ""))
         if not all_delivered:
-            self.report.rows.append((f"    missing or wrong answers", sum(
+            self.report.rows.append(("    missing or wrong answers", sum(
                 s["missing"] + s["bad"] for s in per_round), "0", "FAIL"))
 
     def phase_cycles(self, total: int, batch: int, n_clients: int) -> None:
@@ -703,6 +736,7 @@ class Bench:
         try:
             self.node.start()
             self.node.wait_health(timeout=60, active=True)
+            log(f"node pid {self.node.pid} at {self.node.url} (log {self.node.log_path})")
             self.admin = KeepAliveHTTP(self.node.url)
             self.poster = KeepAliveHTTP(self.node.url)
             self.cursor()  # opens the poster's connection
@@ -711,12 +745,25 @@ class Bench:
             self.baseline_conns = self.stats()["http"]["connections"]
             self.report.figures["baseline_connections"] = self.baseline_conns
             self.report.figures["rss_start_bytes"] = self.rss()
-            self.phase_hold(a.clients)
-            self.phase_delivery("b", self.seeded.groups["small"], a.small, a.rounds,
-                                TARGETS["p99_small"])
-            self.phase_delivery("c", self.seeded.groups["big"], a.big, a.rounds,
-                                TARGETS["p99_big"])
-            self.phase_cycles(a.cycles, min(a.cycle_batch, a.clients), a.clients)
+            phases = {
+                "a": lambda: self.phase_hold(a.clients),
+                "b": lambda: self.phase_delivery("b", self.seeded.groups["small"], a.small,
+                                                 a.rounds, TARGETS["p99_small"]),
+                "c": lambda: self.phase_delivery("c", self.seeded.groups["big"], a.big,
+                                                 a.rounds, TARGETS["p99_big"]),
+                "d": lambda: self.phase_cycles(a.cycles, min(a.cycle_batch, a.clients),
+                                               a.clients),
+            }
+            for name in a.phases:
+                try:
+                    phases[name]()
+                except (TimeoutError, RuntimeError) as exc:
+                    log(f"    phase ({name}) failed: {exc}")
+                    self.report.rows.append((f"({name}) did not complete",
+                                             str(exc).splitlines()[0][:60], "", "FAIL"))
+                    self.report.figures[f"error_{name}"] = str(exc)
+                    self.clients.close()
+                    time.sleep(2)
             self.report.figures["client_counts"] = self.clients.counts()
             self.report.figures["rss_end_bytes"] = self.rss()
         finally:
@@ -731,7 +778,7 @@ class Bench:
 
 
 def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    print(text, flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -746,6 +793,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cycles", type=int, help="connect-wait-disconnect cycles (default 10000)")
     p.add_argument("--cycle-batch", type=int, default=2000, help="clients per cycle batch")
     p.add_argument("--processes", type=int, default=4, help="load-client processes (default 4)")
+    p.add_argument("--phases", default="abcd",
+                   help="which phases to run, in order (default abcd)")
     p.add_argument("--json", metavar="FILE", help="also write every figure as JSON to FILE")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = p.parse_args(argv)

@@ -19,9 +19,9 @@ from hachat.api.router import Route
 from hachat.api.routes import build_router
 from hachat.cluster.keeper import LeaseKeeper
 from hachat.cluster.monitor import PeerMonitor
-from hachat.cluster.node import Node
+from hachat.cluster.node import Node, NotActive
 from hachat.cluster.roles import Role
-from hachat.http.messages import HTTPError, Request
+from hachat.http.messages import Request
 from hachat.http.server import HTTPServer
 from hachat.realtime.hub import EventHub
 from hachat.realtime.status import StatusWatch
@@ -107,8 +107,10 @@ class HachatNode:
                     pruned = event_store.prune_events(session, retention)
                 if pruned:
                     log.info("pruned %d events older than %.0f s", pruned, retention)
-            except (StoreError, HTTPError, Exception) as exc:  # noqa: BLE001 - keep pruning later
+            except (StoreError, NotActive) as exc:
                 log.warning("event pruning skipped: %s", exc)
+            except Exception:
+                log.exception("event pruning failed; trying again next period")
 
     def upgrade_schema(self, attempts: int = 5) -> None:
         """Bring the schema to head; two nodes starting together may race, so retry."""

@@ -210,11 +210,19 @@ def browser():
                 b.close()
 
 
+def _artifact_prefix(request) -> str:
+    """<test name>, safe as a file name; this test's screenshots of an earlier run removed."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    test = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-")
+    for old in SCREENSHOTS.glob(f"{test}--*.png"):
+        old.unlink(missing_ok=True)
+    return test
+
+
 @pytest.fixture
 def screenshot(request) -> Callable:
     """screenshot(page, "what") saves artifacts/screenshots/<test>--<what>.png."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    test = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-")
+    test = _artifact_prefix(request)
 
     def take(page, what: str) -> Path:
         path = SCREENSHOTS / f"{test}--{what}.png"
@@ -222,3 +230,166 @@ def screenshot(request) -> Callable:
         return path
 
     return take
+
+
+# Records every value #status[data-state] takes, from the first paint on.
+_STATUS_RECORDER = """
+window.__statusLog = [];
+document.addEventListener('DOMContentLoaded', () => {
+  const box = document.getElementById('status');
+  const record = () => {
+    const log = window.__statusLog;
+    if (log[log.length - 1] !== box.dataset.state) log.push(box.dataset.state);
+  };
+  record();
+  new MutationObserver(record).observe(box, { attributes: true, attributeFilter: ['data-state'] });
+});
+"""
+
+
+class ChatPage:
+    """One user's tab on the chat page, through the page's documented hooks (docs/CLIENTS.md)."""
+
+    def __init__(self, page, base_url: str) -> None:
+        from playwright.sync_api import expect
+
+        self.page = page
+        self.base_url = base_url
+        self.expect = expect
+        self.username: str | None = None
+        self.errors: list[str] = []
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+
+    def sign_in(self, username: str, password: str = PASSWORD) -> ChatPage:
+        page = self.page
+        page.goto(self.base_url + "/")
+        page.fill("#login-username", username)
+        page.fill("#login-password", password)
+        page.click("#login-submit")
+        self.expect(page.locator("#chat-view")).to_be_visible()
+        self.expect(page.locator("#current-user")).to_have_text(username)
+        self.wait_state("active")
+        self.username = username
+        return self
+
+    def wait_state(self, state: str, timeout: float = 10) -> None:
+        self.expect(self.page.locator("#status")).to_have_attribute(
+            "data-state", state, timeout=timeout * 1000)
+
+    def status_log(self) -> list[str]:
+        return self.page.evaluate("window.__statusLog")
+
+    def create_group(self, name: str) -> int:
+        page = self.page
+        page.fill("#new-group-name", name)
+        page.click("#create-group")
+        self.expect(page.locator("#group-title")).to_have_text(name)
+        selected = page.locator("#group-list button.group.selected")
+        self.expect(selected).to_have_count(1)
+        return int(selected.get_attribute("data-id"))
+
+    def add_member(self, username: str) -> None:
+        page = self.page
+        page.fill("#add-member-username", username)
+        page.click("#add-member")
+        self.expect(page.locator("#member-info")).to_have_text(f"{username} added.")
+        self.expect(page.locator("#member-list li.member", has_text=username)).to_have_count(1)
+
+    def open_group(self, group_id: int, name: str, timeout: float = 10) -> None:
+        button = self.page.locator(f'#group-list button.group[data-id="{group_id}"]')
+        self.expect(button).to_be_visible(timeout=timeout * 1000)  # appears live when added
+        button.click()
+        self.expect(self.page.locator("#group-title")).to_have_text(name)
+        self.expect(button).to_have_class("group selected")
+
+    def send(self, text: str) -> None:
+        """Type and press Enter (not waiting for the answer: it may be a retried send)."""
+        self.page.fill("#message-input", text)
+        self.page.press("#message-input", "Enter")
+
+    def message(self, text: str):
+        return self.page.locator("#message-list li.message", has=self.page.locator(
+            ".content", has_text=text))
+
+    def wait_message(self, text: str, timeout: float = 10) -> int:
+        item = self.message(text)
+        try:
+            self.expect(item).to_have_count(1, timeout=timeout * 1000)
+        except AssertionError as exc:
+            raise AssertionError(f"{self.username}: no single message {text!r}: "
+                                 f"{self.describe()}") from exc
+        return int(item.get_attribute("data-id"))
+
+    def describe(self) -> str:
+        """What the page shows, for failure messages."""
+        return str(self.page.evaluate("""() => ({
+            status: document.getElementById('status').dataset.state,
+            statusText: document.getElementById('status-text').textContent,
+            statusLog: window.__statusLog,
+            sendError: document.getElementById('send-error').textContent,
+            groupError: document.getElementById('group-error').textContent,
+            pending: document.querySelectorAll('#message-list li.pending').length,
+            messages: Array.from(document.querySelectorAll('#message-list li.message'),
+                                 (li) => [li.dataset.id, li.querySelector('.content').textContent]),
+            cursor: window.hachat && window.hachat.state.cursor,
+        })""")) + f" page errors: {self.errors}"
+
+    def message_ids(self) -> list[int]:
+        """The data-id of every shown `.message`, top to bottom (duplicates kept)."""
+        return self.page.eval_on_selector_all(
+            "#message-list li.message", "items => items.map(li => Number(li.dataset.id))")
+
+    def pending_count(self) -> int:
+        return self.page.locator("#message-list li.pending").count()
+
+
+@pytest.fixture
+def open_chat(browser, request) -> Iterator[Callable[[str], ChatPage]]:
+    """open_chat(base_url) -> a ChatPage in a new browser context (its own sessionStorage).
+    On failure every open page is saved to artifacts/screenshots/<test>--failure-<n>.png."""
+    test = _artifact_prefix(request)
+    contexts = []
+    pages: list[ChatPage] = []
+
+    def open_one(base_url: str) -> ChatPage:
+        context = browser.new_context(viewport={"width": 1100, "height": 760})
+        context.set_default_timeout(10_000)
+        context.add_init_script(_STATUS_RECORDER)
+        contexts.append(context)
+        chat = ChatPage(context.new_page(), base_url)
+        pages.append(chat)
+        return chat
+
+    yield open_one
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for n, chat in enumerate(pages, 1):
+            with contextlib.suppress(Exception):
+                chat.page.screenshot(path=str(SCREENSHOTS / f"{test}--failure-{n}.png"))
+    for context in contexts:
+        with contextlib.suppress(Exception):
+            context.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def site(pair, tmp_path) -> Iterator[tuple[str, HAProxy | None]]:
+    """Where the browser goes: HAProxy in front of the pair when HAProxy is installed (required
+    in CI), else the active node directly. Yields (base URL, the HAProxy or None)."""
+    ok, reason = haproxy_available()
+    if not ok and required("haproxy"):
+        pytest.fail(f"{reason} (required here)")
+    if not ok:
+        yield pair.a.url, None
+        return
+    lb = HAProxy(pair, tmp_path)
+    try:
+        yield lb.start().url, lb
+    finally:
+        lb.stop()

@@ -169,3 +169,16 @@ def test_client_resumes_events_on_the_new_active(pair):
         cursor = reply.json["cursor"]
     assert [e["data"]["content"] for e in seen] == [f"before {i}" for i in range(3)] + \
         [f"after {i}" for i in range(3)]
+
+
+def test_quick_fall_and_revive_hands_over_to_the_peer(pair, chat):
+    """Regression: a node revived right after /fall took its own lease back before the live
+    peer could. The peer must take over; the revived node stays passive."""
+    for _ in range(3):
+        active = pair.wait_one_active()
+        other = pair.b if active is pair.a else pair.a
+        assert pair.admin(active, "/fall").status == 200
+        assert pair.admin(active, "/revive").status == 200  # at once, before the peer reacts
+        assert pair.wait_one_active(timeout=10) is other
+        time.sleep(0.5)
+        assert pair.active_nodes() == [other]

@@ -50,6 +50,10 @@ class LeaseKeeper:
         self.ttl = settings.lease_ttl
         self.renew_interval = settings.lease_renew_interval
         self.safety_margin = min(self.renew_interval, self.ttl / 4)
+        # After /revive, how long a node leaves a reachable peer to take the lease first:
+        # long enough for the peer's health checks to see this node fall and act on it.
+        self.revive_hold_off = 2 * self.ttl + settings.health_interval * settings.health_failures
+        self._hold_off_until = 0.0
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -100,6 +104,9 @@ class LeaseKeeper:
     def revive(self, reason: str = "revive") -> bool:
         """FALLEN -> PASSIVE (never straight to active: no preemption)."""
         changed = self.node.transition(Role.PASSIVE, reason, only_from=Role.FALLEN)
+        if changed:
+            # No preemption: give a live peer time to take the lease this node gave up.
+            self._hold_off_until = time.monotonic() + self.revive_hold_off
         self.wake()
         return changed
 
@@ -234,6 +241,9 @@ class LeaseKeeper:
         monitor = self.monitor
         if monitor is None or monitor.peer_url is None:
             return "no-peer"
+        if time.monotonic() < self._hold_off_until and monitor.failures == 0 \
+                and monitor.peer_report is not None:
+            return None  # just revived and the peer answers: it is the peer's turn
         if monitor.peer_down:
             report = monitor.peer_report
             if report is None:

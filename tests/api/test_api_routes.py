@@ -159,3 +159,14 @@ def test_subscribe_status_times_out_with_state(api_node):
     assert reply.json["status"] == "alive" and reply.json["changed"] is False
     old = reply.json["version"]
     assert call(api_node.url, "GET", f"/subscribe/status?since={old - 1}").json["changed"] is True
+
+
+def test_ids_are_never_reused_after_a_delete(api_node, unique):
+    """Regression: on SQLite, deleting the newest message freed its id for the next one, so
+    a client that remembered the deleted id hid the new message."""
+    ana = ChatUser(api_node.url, unique("ids"))
+    gid = ana("POST", "/groups", {"name": "ids"}).json["id"]
+    first = ana("POST", "/messages", {"groupId": gid, "content": "first"}).json["id"]
+    assert ana("DELETE", "/messages", {"messageId": first}).status == 200
+    second = ana("POST", "/messages", {"groupId": gid, "content": "second"}).json["id"]
+    assert second > first

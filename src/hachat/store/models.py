@@ -73,6 +73,7 @@ class Base(DeclarativeBase):
 
 class User(Base):
     __tablename__ = "users"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     username: Mapped[str] = mapped_column(String(255))
@@ -86,6 +87,7 @@ class User(Base):
 
 class AuthToken(Base):
     __tablename__ = "auth_tokens"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     user_id: Mapped[int] = mapped_column(
@@ -98,6 +100,7 @@ class AuthToken(Base):
 
 class Group(Base):
     __tablename__ = "chat_groups"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(255))
@@ -125,6 +128,7 @@ class Message(Base):
     __table_args__ = (
         UniqueConstraint("user_id", "client_message_id"),
         Index("ix_messages_group_id_id", "group_id", "id"),
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

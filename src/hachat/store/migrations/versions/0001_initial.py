@@ -35,6 +35,7 @@ def upgrade() -> None:
         _ts("created_at"),
         sa.PrimaryKeyConstraint("id", name="pk_users"),
         sa.UniqueConstraint("username_key", name="uq_users_username_key"),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "auth_tokens",
@@ -47,6 +48,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["user_id"], ["users.id"], ondelete="CASCADE",
                                 name="fk_auth_tokens_user_id_users"),
         sa.UniqueConstraint("token_hash", name="uq_auth_tokens_token_hash"),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_auth_tokens_user_id", "auth_tokens", ["user_id"])
     op.create_table(
@@ -58,6 +60,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_chat_groups"),
         sa.ForeignKeyConstraint(["created_by"], ["users.id"],
                                 name="fk_chat_groups_created_by_users"),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "memberships",
@@ -87,6 +90,7 @@ def upgrade() -> None:
                                 name="fk_messages_user_id_users"),
         sa.UniqueConstraint("user_id", "client_message_id",
                             name="uq_messages_user_id_client_message_id"),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_messages_group_id_id", "messages", ["group_id", "id"])
     op.create_table(

@@ -17,6 +17,7 @@ from hachat.api.context import ApiContext
 from hachat.api.errors import not_active
 from hachat.api.router import Route
 from hachat.api.routes import build_router
+from hachat.api.throttle import RateLimiter
 from hachat.cluster.keeper import LeaseKeeper
 from hachat.cluster.monitor import PeerMonitor
 from hachat.cluster.node import Node, NotActive
@@ -69,7 +70,9 @@ class HachatNode:
         self.ctx = ApiContext(settings=settings, db=self.db, node=self.node, keeper=self.keeper,
                               hub=self.hub, status=self.status, auth=self.auth,
                               static_files=load_static_files(),
-                              server_stats=lambda: self.server.stats())
+                              server_stats=lambda: self.server.stats(),
+                              login_limiter=RateLimiter(settings.login_rate,
+                                                        settings.login_burst))
         self.router = build_router(self.ctx)
         self.node.subscribe(self._on_transition)
         self.status.publish(self.node.snapshot())

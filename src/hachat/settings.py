@@ -61,6 +61,8 @@ class Settings:
     status_timeout_default: float = 25.0
     poll_timeout_max: float = 60.0
     db_pool_size: int = 16
+    login_rate: float = 20.0
+    login_burst: int = 40
     extra: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -165,4 +167,6 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True,
         status_timeout_default=_number(env, "STATUS_TIMEOUT", 25.0, float, 0.0),
         poll_timeout_max=_number(env, "POLL_TIMEOUT_MAX", 60.0, float, 1.0),
         db_pool_size=_number(env, "DB_POOL_SIZE", 16, int, 1),
+        login_rate=_number(env, "LOGIN_RATE", 20.0, float, 0.01),
+        login_burst=_number(env, "LOGIN_BURST", 40, int, 1),
     )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from hachat.api.auth import PASSWORD_MAX, PASSWORD_MIN, USERNAME_PATTERN, Principal
 from hachat.api.context import ApiContext
-from hachat.api.errors import invalid_field, unauthorized
+from hachat.api.errors import database_unavailable, invalid_field, unauthorized
 from hachat.api.params import Params
 from hachat.api.writes import fenced_write, reading, require_active
-from hachat.http.messages import HTTPError, Request, Response, json_response
-from hachat.store import UsernameTaken, accounts
+from hachat.http.messages import Deferred, HTTPError, Request, Response, json_response
+from hachat.store import StoreUnavailable, UsernameTaken, accounts
 
 
 def _credentials(request: Request) -> tuple[str, str]:
@@ -23,9 +23,22 @@ def _credentials(request: Request) -> tuple[str, str]:
     return username, password
 
 
-def login(ctx: ApiContext, request: Request) -> Response:
+def login(ctx: ApiContext, request: Request) -> Deferred:
+    """On the loop thread: cheap checks, then the password work on the login lane."""
+    ctx.login_limiter.check(ctx.auth.client_key(request))
     username, password = _credentials(request)
     require_active(ctx)
+    return ctx.login_lane.submit(lambda: _login(ctx, username, password))
+
+
+def _login(ctx: ApiContext, username: str, password: str) -> Response:
+    try:
+        return _log_in_or_create(ctx, username, password)
+    except StoreUnavailable:
+        raise database_unavailable() from None
+
+
+def _log_in_or_create(ctx: ApiContext, username: str, password: str) -> Response:
     for _attempt in range(2):
         with reading(ctx) as session:
             user = accounts.get_user_by_username(session, username)

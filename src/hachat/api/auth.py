@@ -46,6 +46,7 @@ class Authenticator:
 
     # -- passwords ------------------------------------------------------------------
     def hash_password(self, password: str) -> str:
+        """argon2id: ~64 MiB and tens of ms a call; callers run it on the login lane."""
         return self._hasher.hash(password)
 
     def verify_password(self, password_hash: str, password: str) -> bool:
@@ -98,6 +99,16 @@ class Authenticator:
         with self._lock:
             self._cache.clear()
 
+    @staticmethod
+    def client_key(request: Request) -> str:
+        """Who is asking, for rate limits: the proxy's X-Forwarded-For when the direct peer
+        is a local proxy (HAProxy on this machine), else the peer address."""
+        host = request.client_address[0] if request.client_address else "?"
+        forwarded = request.headers.get("x-forwarded-for")
+        if forwarded and _is_loopback(host):
+            return forwarded.split(",")[0].strip() or host
+        return host
+
     # -- admin ----------------------------------------------------------------------
     def is_admin(self, request: Request) -> bool:
         token = self.bearer(request)
@@ -115,12 +126,15 @@ class Authenticator:
             raise forbidden("set ADMIN_TOKEN to allow this through a proxy; "
                             "without it only direct loopback clients may")
         host = request.client_address[0] if request.client_address else ""
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-            mapped = getattr(address, "ipv4_mapped", None)
-            loopback = (mapped or address).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
+        if not _is_loopback(host):
             raise forbidden("set ADMIN_TOKEN to allow this from other hosts; "
                             "without it only loopback clients may")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from hachat.api.throttle import RateLimiter, SideLane
 from hachat.settings import Settings
 
 if TYPE_CHECKING:
@@ -28,3 +29,6 @@ class ApiContext:
     auth: Authenticator
     static_files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     server_stats: Callable[[], dict] = dict
+    login_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(20.0, 40))
+    # Password hashing runs here, never on the server's worker pool (see throttle.SideLane).
+    login_lane: SideLane = field(default_factory=lambda: SideLane(2, 64, name="login"))

@@ -19,7 +19,8 @@ def build_router(ctx: ApiContext) -> Router:
     # Everything that touches the database runs on a worker thread.
     r.add("POST", "/fall", node_routes.fall)
     r.add("POST", "/revive", node_routes.revive)
-    r.add("POST", "/login", account_routes.login)
+    # Checked on the loop, then hashed on the login lane's own threads: returns a Deferred.
+    r.add("POST", "/login", account_routes.login, blocking=False)
     r.add("POST", "/logout", account_routes.logout)
     r.add("GET", "/chats", chat_routes.chats)
     r.add("POST", "/groups", chat_routes.create_group)

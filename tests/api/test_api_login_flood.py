@@ -1,0 +1,54 @@
+"""Regression: a flood of logins (each an argon2 hash) stalled every chat route for seconds
+and took ~64 MiB per hash. Logins are rate-limited per address and hashing is bounded."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+from support import ChatUser, NodeProcess, call
+
+
+def test_login_attempts_are_rate_limited_per_address(tmp_path):
+    node = NodeProcess({"DATABASE_URL": f"sqlite:///{tmp_path / 'l.db'}", "PEER_URL": "",
+                        "LOGIN_RATE": "0.5", "LOGIN_BURST": "3"}, tmp_path, "limit").start()
+    try:
+        node.wait_active()
+        statuses = [call(node.url, "POST", "/login", {"username": "x"}).status for _ in range(5)]
+        assert statuses[:3] == [422, 422, 422]
+        limited = call(node.url, "POST", "/login", {"username": "x"})
+        assert limited.status == 429 and limited.json["error"] == "too_many_requests"
+        assert int(limited.headers["retry-after"]) >= 1
+        # another address (as told by a local proxy) has its own budget
+        other = call(node.url, "POST", "/login", {"username": "x"},
+                     headers={"X-Forwarded-For": "203.0.113.9"})
+        assert other.status == 422
+    finally:
+        node.stop()
+
+
+def test_chat_stays_responsive_during_a_login_flood(tmp_path):
+    node = NodeProcess({"DATABASE_URL": f"sqlite:///{tmp_path / 'f.db'}", "PEER_URL": ""},
+                       tmp_path, "flood").start()
+    try:
+        node.wait_active()
+        ana = ChatUser(node.url, "ana")
+        ana("POST", "/groups", {"name": "g"})
+
+        def wrong_login(i):
+            return call(node.url, "POST", "/login",
+                        {"username": "ana", "password": f"wrong-password-{i}"},
+                        headers={"X-Forwarded-For": f"198.51.100.{i % 50}"}, timeout=30).status
+
+        with concurrent.futures.ThreadPoolExecutor(60) as pool:
+            flood = [pool.submit(wrong_login, i) for i in range(120)]
+            time.sleep(0.3)
+            started = time.monotonic()
+            chats = ana("GET", "/chats", timeout=30)
+            elapsed = time.monotonic() - started
+            statuses = {f.result() for f in flood}
+        assert chats.status == 200
+        assert elapsed < 3.0, f"GET /chats took {elapsed:.1f}s during the flood"
+        assert statuses <= {401, 503}
+    finally:
+        node.stop()

@@ -31,6 +31,7 @@ class HTTPSettings:
     keepalive_timeout: float = 75.0
     shutdown_grace: float = 10.0
     backlog: int = 1024
+    max_connections: int = 20_000
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True,
         keepalive_timeout=_number(env, "KEEPALIVE_TIMEOUT", 75.0, float, 0.1),
         shutdown_grace=_number(env, "SHUTDOWN_GRACE", 10.0, float, 0.0),
         backlog=_number(env, "BACKLOG", 1024, int, 1),
+        max_connections=_number(env, "MAX_CONNECTIONS", 20_000, int, 1),
     )
     peer = (env.get("PEER_URL") or "").strip().rstrip("/") or None
     cluster = ClusterSettings(

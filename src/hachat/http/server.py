@@ -61,6 +61,7 @@ class HTTPServer:
         self._closing = False  # on the loop: shutdown has begun
         self._grace_deadline = 0.0
         self._accepting = True
+        self._at_capacity = False
         self._started = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -194,7 +195,14 @@ class HTTPServer:
         conns = self._conns
         loop = self._loop
         header_deadline = loop.time() + self.settings.header_timeout
+        cap = self.settings.max_connections
         for _ in range(ACCEPT_BATCH):
+            if len(conns) >= cap:
+                # Full: leave the rest in the kernel's backlog until a connection closes.
+                self._at_capacity = True
+                self._accepting = False
+                loop.modify(listener.fileno(), 0)
+                return
             try:
                 sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -235,6 +243,12 @@ class HTTPServer:
 
     def _forget(self, conn: Connection) -> None:
         self._conns.pop(conn.fd, None)
+        if self._at_capacity and len(self._conns) < self.settings.max_connections:
+            self._at_capacity = False
+            listener = self._listener
+            if listener is not None and not self._closing:
+                self._accepting = True
+                self._loop.modify(listener.fileno(), EV_READ)
 
     def _close_listener(self) -> None:
         with self._lock:

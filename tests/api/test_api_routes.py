@@ -22,6 +22,8 @@ def test_root_serves_the_page_to_browsers(api_node):
     assert reply.status == 200
     assert reply.headers["content-type"].startswith("text/html")
     assert b"<html" in reply.raw.lower()
+    assert "frame-ancestors 'none'" in reply.headers["content-security-policy"]
+    assert reply.headers["x-content-type-options"] == "nosniff"
 
 
 def test_login_creates_then_logs_in(api_node, unique):

@@ -16,7 +16,8 @@ from hachat.api.errors import forbidden, unauthorized
 from hachat.http.messages import Request
 from hachat.store import accounts
 
-USERNAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,32}")
+# 1-32 of letters, digits, '.', '_', '-', with at least one letter or digit ('..' is no name).
+USERNAME_PATTERN = re.compile(r"(?=[._-]*[A-Za-z0-9])[A-Za-z0-9._-]{1,32}")
 PASSWORD_MIN, PASSWORD_MAX = 8, 256
 
 

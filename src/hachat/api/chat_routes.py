@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from hachat.api.auth import USERNAME_PATTERN, Principal
@@ -153,9 +154,14 @@ def list_messages(ctx: ApiContext, request: Request) -> Response:
 
 def _content(params: Params) -> str:
     content = params.string("content", max_length=CONTENT_MAX)
-    if not content.strip():
+    if not any(_visible(ch) for ch in content):
         raise invalid_field("content", "'content' must not be empty or only white space")
     return content
+
+
+def _visible(ch: str) -> bool:
+    """Not white space, and not an invisible format or control character (e.g. U+200B)."""
+    return not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Cc", "Zs", "Zl", "Zp")
 
 
 def _client_message_id(request: Request, params: Params) -> str | None:

@@ -10,6 +10,15 @@ from hachat.api.params import Params
 from hachat.http.messages import Deferred, HTTPError, Request, Response, dumps, json_response
 
 _NOT_READY_HEADERS = (("Retry-After", "1"),)
+# The page loads only its own files and may not be framed by another site.
+PAGE_HEADERS = (
+    ("Cache-Control", "no-cache"),
+    ("Content-Security-Policy",
+     "default-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
+    ("X-Frame-Options", "DENY"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+)
 
 
 class HealthCache:
@@ -26,7 +35,7 @@ def root(ctx: ApiContext, request: Request) -> Response:
     accept = request.headers.get("accept", "")
     if "text/html" in accept and "index.html" in ctx.static_files:
         body, content_type = ctx.static_files["index.html"]
-        return Response(200, body, content_type, (("Cache-Control", "no-cache"),))
+        return Response(200, body, content_type, PAGE_HEADERS)
     snap = ctx.node.snapshot()
     return json_response(200, {"service": "hachat", "status": "ok", "node": snap["node"],
                                 "active": snap["active"]})
@@ -38,7 +47,7 @@ def static(ctx: ApiContext, request: Request) -> Response:
     if found is None:
         raise HTTPError(404, "not_found", f"no static file {name!r}", extra={"resource": "file"})
     body, content_type = found
-    return Response(200, body, content_type, (("Cache-Control", "no-cache"),))
+    return Response(200, body, content_type, PAGE_HEADERS)
 
 
 def make_health(ctx: ApiContext):

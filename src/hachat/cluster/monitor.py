@@ -150,8 +150,13 @@ class PeerMonitor:
             log.info("peer %s answers again after %d failed checks", self.peer_url,
                      old_failures)
         if callbacks:
-            log.info("peer %s is %s (failures=%d report=%s)", self.peer_url,
-                     "down" if down else "up", failures, report)
+            if report is None:
+                verdict = f"unreachable ({failures} failed checks)"
+            elif report.get("status") != "alive":
+                verdict = "down (it says so)"
+            else:
+                verdict = f"{report.get('role', 'not active')}, not active" if down else "active"
+            log.info("peer %s is %s", self.peer_url, verdict)
             for callback in callbacks:
                 try:
                     callback(down)

@@ -10,6 +10,7 @@ from sqlalchemy import text
 
 from hachat.store import Database, Fenced, StoreError
 from hachat.store.lease import (
+    GATE,
     LeaseState,
     assert_holder,
     read_lease,
@@ -152,7 +153,8 @@ def _active_lock_waits(db: Database) -> int:
     with db.read() as s:
         return s.execute(text(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query ILIKE '%FROM lease%FOR UPDATE%'"
+            "AND wait_event_type = 'Lock' AND (query ILIKE '%FROM lease%FOR UPDATE%' "
+            "OR query ILIKE '%pg_advisory_xact_lock%')"
         )).scalar()
 
 
@@ -197,7 +199,7 @@ def test_takeover_waits_for_writer_in_flight(db):
     wait_until_expired(db)  # the lease has expired by the db clock; the writer is still open
     t = threading.Thread(target=takeover)
     t.start()
-    _wait_for(lambda: _active_lock_waits(db) == 1)  # the takeover is blocked on the row lock
+    _wait_for(lambda: _active_lock_waits(db) == 1)  # the takeover is blocked on the gate
     assert order == []
     writer_may_commit.set()
     w.join(20)
@@ -230,6 +232,8 @@ def test_writer_arriving_during_takeover_waits_then_is_fenced(db):
             outcome["result"] = exc
 
     with db.write() as s:  # a takeover in progress, done by hand to hold it open
+        s.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"),
+                  {"ns": GATE[0], "key": GATE[1]})
         s.execute(text("SELECT id FROM lease WHERE id = 1 FOR UPDATE"))
         w = threading.Thread(target=late_writer)
         w.start()
@@ -239,7 +243,8 @@ def test_writer_arriving_during_takeover_waits_then_is_fenced(db):
             with db.read() as r:
                 return r.execute(text(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock' AND query ILIKE '%FOR KEY SHARE%'"
+                    "AND wait_event_type = 'Lock' "
+                    "AND query ILIKE '%pg_advisory_xact_lock_shared%'"
                 )).scalar() == 1
 
         _wait_for(writer_waits)
@@ -250,8 +255,8 @@ def test_writer_arriving_during_takeover_waits_then_is_fenced(db):
 
 @PG_ONLY
 def test_renew_is_not_blocked_by_own_writers(db):
-    """PostgreSQL: writers lock the row FOR KEY SHARE, so the holder's renewals (non-key
-    UPDATEs) never queue behind its own in-flight writes."""
+    """PostgreSQL: writers hold only the advisory gate (shared), so the holder's renewals
+    never queue behind its own in-flight writes."""
     epoch = try_acquire(db, "a", URL_A, 30.0)
     with db.write() as s:
         assert_holder(s, "a", epoch)

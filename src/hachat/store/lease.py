@@ -6,13 +6,16 @@ transaction, and the epoch changes only through `try_acquire`, which on PostgreS
 for every writer in flight (row lock), so no write carrying an old epoch can commit after a
 newer epoch was granted.
 
-PostgreSQL row locks used:
-- writers (`assert_holder`): `FOR KEY SHARE`; many writers share it.
-- takeover (`try_acquire`): `FOR UPDATE`, which conflicts with `FOR KEY SHARE`: it waits for
-  writers in flight, and writers arriving later wait for it and then read the new epoch.
-- `renew` / `release`: plain UPDATEs of non-key columns (`FOR NO KEY UPDATE`), which do NOT
-  conflict with `FOR KEY SHARE`, so the holder's renewals never queue behind its own writers.
-  (With `FOR SHARE` they would, and a steady stream of overlapping writers could starve them.)
+PostgreSQL: a transaction-level advisory lock is the gate between writers and a takeover.
+- writers (`assert_holder`): take it SHARED (many at once, held until their commit), then read
+  the lease row in a second statement, whose snapshot is taken after the lock was granted.
+- takeover (`try_acquire`): takes it EXCLUSIVE first: it waits for every writer in flight, and
+  writers arriving later wait for it, then read the new epoch and are fenced.
+- `renew` / `release`: plain UPDATEs, not gated: the holder's renewals never queue behind its
+  own writers.
+An advisory lock lives in the lock manager's memory; a row lock shared by many writers (FOR
+KEY SHARE) would rewrite the hot lease row's lock marker (a MultiXact) on every write instead.
+The lock carries no epoch of its own: the epoch read under it is the fencing token.
 On SQLite every write transaction starts with `BEGIN IMMEDIATE`, so all of this is serialized
 by the database's single write lock.
 """
@@ -31,6 +34,8 @@ __all__ = ["Fenced", "LeaseState", "assert_holder", "read_lease", "release", "re
            "try_acquire"]
 
 LEASE_ID = 1
+# (namespace, key) of the advisory lock that gates writes against takeovers.
+GATE = (0x68616368, 1)  # "hach"
 _PG_NOW = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 _SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
@@ -78,7 +83,10 @@ def try_acquire(db: Database, node_id: str, node_url: str, ttl: float) -> int | 
     now = db_now_sql(db.dialect)
     with db.write() as s:
         if db.dialect == "postgresql":
-            # Wait for writers in flight (they hold FOR KEY SHARE); block new ones until commit.
+            # Wait for writers in flight (they hold the gate shared); block new ones until
+            # this transaction ends.
+            s.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"),
+                      {"ns": GATE[0], "key": GATE[1]})
             s.execute(text("SELECT id FROM lease WHERE id = :id FOR UPDATE"), {"id": LEASE_ID})
         row = s.execute(
             text(f"UPDATE lease SET epoch = epoch + 1, holder = :node, holder_url = :url, "
@@ -118,12 +126,14 @@ def assert_holder(session: Session, node_id: str, epoch: int) -> None:
     """Inside a `db.write()` transaction, before writing: raise `Fenced` unless `node_id`
     holds the lease under `epoch`. Expiry is not checked: the epoch is the fencing token.
 
-    On PostgreSQL this locks the lease row FOR KEY SHARE until the transaction ends, so a
-    takeover waits for this transaction and every later write sees the new epoch.
+    On PostgreSQL this holds the write gate shared until the transaction ends, so a takeover
+    waits for this transaction, and every later write reads the new epoch.
     """
-    lock = " FOR KEY SHARE" if session.get_bind().dialect.name == "postgresql" else ""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock_shared(:ns, :key)"),
+                        {"ns": GATE[0], "key": GATE[1]})
     row = session.execute(
-        text(f"SELECT holder, epoch FROM lease WHERE id = :id{lock}"), {"id": LEASE_ID}
+        text("SELECT holder, epoch FROM lease WHERE id = :id"), {"id": LEASE_ID}
     ).one()
     if row.holder != node_id or int(row.epoch) != int(epoch):
         raise Fenced(node_id, epoch, row.holder, int(row.epoch))

@@ -31,10 +31,10 @@ def acting_user(ctx: ApiContext, request: Request, params: Params) -> Principal:
 
 
 def _member_or_403(session: Any, group_id: int, user_id: int) -> Any:
-    group = chat.get_group(session, group_id)
+    group, member = chat.membership(session, group_id, user_id)
     if group is None:
         raise not_found("group", group_id)
-    if not chat.is_member(session, group_id, user_id):
+    if not member:
         raise forbidden(f"you are not a member of group {group_id}")
     return group
 

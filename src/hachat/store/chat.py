@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from sqlalchemy import delete, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -129,25 +131,36 @@ def create_message(s: Session, user_id: int, group_id: int, content: str, epoch:
 
     With a `client_message_id` the call is idempotent per user: if that user already sent a
     message with this id, it is returned with created=False (whatever group/content was given
-    this time). A concurrent duplicate insert is caught with a SAVEPOINT and re-selected.
+    this time). One statement: INSERT ... ON CONFLICT DO NOTHING RETURNING, so a concurrent
+    duplicate neither fails the transaction nor needs a savepoint.
     """
-    if client_message_id is not None:
-        existing = _message_by_client_id(s, user_id, client_message_id)
-        if existing is not None:
-            return existing, False
-    message = Message(group_id=group_id, user_id=user_id, content=content, epoch=int(epoch),
-                      client_message_id=client_message_id, created_at=utcnow())
-    try:
-        with s.begin_nested():
-            s.add(message)
-            s.flush()
-    except IntegrityError:
-        if client_message_id is not None:
-            existing = _message_by_client_id(s, user_id, client_message_id)
-            if existing is not None:
-                return existing, False
-        raise
-    return message, True
+    dialect = s.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = (insert(Message)
+            .values(group_id=group_id, user_id=user_id, content=content, epoch=int(epoch),
+                    client_message_id=client_message_id, created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["user_id", "client_message_id"])
+            .returning(Message))
+    message = s.scalars(stmt).first()
+    if message is not None:
+        return message, True
+    existing = _message_by_client_id(s, user_id, client_message_id)
+    if existing is None:  # cannot happen: only that unique key can conflict
+        raise IntegrityError("INSERT messages", {}, Exception("conflict without a row"))
+    return existing, False
+
+
+def membership(s: Session, group_id: int, user_id: int) -> tuple[Group | None, bool]:
+    """The group (None if it does not exist) and whether the user belongs to it: one query."""
+    row = s.execute(
+        select(Group, Membership.user_id)
+        .outerjoin(Membership, (Membership.group_id == Group.id)
+                   & (Membership.user_id == user_id))
+        .where(Group.id == group_id)
+    ).first()
+    if row is None:
+        return None, False
+    return row[0], row[1] is not None
 
 
 def get_message(s: Session, message_id: int) -> Message | None:

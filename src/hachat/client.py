@@ -483,10 +483,14 @@ class HachatClient:
         """Post a message. Always sends a ``clientMessageId`` (uuid4 unless given), the same one
         on every retry, so a retry after a lost answer cannot store it twice."""
         cmid = client_message_id or str(uuid.uuid4())
+        # The key also goes in an Idempotency-Key header when it can travel there unchanged, so
+        # that a proxy (deploy/haproxy.cfg) may resend the request after a lost answer.
+        header_safe = cmid == cmid.strip() and cmid.isascii() and cmid.isprintable()
         return self._request(
             "POST",
             "/messages",
             body={"groupId": int(group_id), "content": content, "clientMessageId": cmid},
+            extra_headers={"Idempotency-Key": cmid} if header_safe else None,
         )
 
     def delete_message(self, message_id: int) -> dict[str, Any]:

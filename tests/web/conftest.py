@@ -90,8 +90,9 @@ def fresh_db(request, tmp_path) -> Iterator[str]:
 @pytest.fixture
 def pair(fresh_db, tmp_path) -> Iterator[Pair]:
     """Node A active, node B passive, one database."""
-    p = Pair(fresh_db, tmp_path).start()
+    p = Pair(fresh_db, tmp_path)
     try:
+        p.start()  # inside the try: a node that fails to start must not outlive the test
         poll_until(lambda: p.active_nodes() == [p.a], 10, "node A alone active")
         yield p
     finally:
@@ -179,14 +180,28 @@ def haproxy_available() -> tuple[bool, str]:
 
 
 @pytest.fixture
-def haproxy(pair, tmp_path) -> Iterator[HAProxy]:
-    ok, reason = haproxy_available()
-    need("haproxy", ok, reason)
-    lb = HAProxy(pair, tmp_path)
-    try:
-        yield lb.start()
-    finally:
+def make_haproxy(tmp_path) -> Iterator[Callable[..., HAProxy]]:
+    """make_haproxy(pair, **env) starts HAProxy in front of `pair` (env overrides e.g.
+    HACHAT_NODE_A), or skips/fails when it is not installed; stopped after the test."""
+    started: list[HAProxy] = []
+
+    def make(pair: Pair, **env: str) -> HAProxy:
+        ok, reason = haproxy_available()
+        need("haproxy", ok, reason)
+        lb = HAProxy(pair, tmp_path)
+        lb.env.update(env)
+        started.append(lb)
+        return lb.start()
+
+    yield make
+    for lb in started:
         lb.stop()
+
+
+@pytest.fixture
+def haproxy(pair, make_haproxy) -> HAProxy:
+    """HAProxy (deploy/haproxy.cfg) in front of the pair, routing to node A."""
+    return make_haproxy(pair)
 
 
 # ------------------------------------------------------------------ browser

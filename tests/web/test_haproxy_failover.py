@@ -3,7 +3,13 @@ carries on through a kill -9 of the active node."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import json
+import re
+import select
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -15,6 +21,7 @@ from hachat.client import ClientError, HachatClient
 from support import call
 
 PASSWORD = "password123"
+_REQUEST_LINE = re.compile(rb"[A-Z]+ /\S* HTTP/1\.[01]\r\n")
 
 
 def test_haproxy_sends_everything_to_the_active_node(pair, haproxy):
@@ -85,6 +92,7 @@ def test_client_through_haproxy_carries_on_after_kill_9(pair, haproxy, wait_for)
     wait_for(lambda: errors or len(acks) > before, 10, "a write acknowledged after the kill")
     assert not errors, errors
     resumed_after = acks[before].at - killed_at
+    print(f"haproxy: writes acknowledged again {resumed_after:.2f}s after the kill")
     assert resumed_after < 6.0, f"writes resumed only {resumed_after:.1f}s after the kill"
     wait_for(lambda: errors or len(acks) >= before + 20, 10, "writes flowing after the kill")
     stop_writing.set()
@@ -122,3 +130,109 @@ def test_haproxy_answers_json_503_when_no_node_is_ready(pair, haproxy, wait_for)
     with pytest.raises(ClientError) as err:
         c.login("zed", PASSWORD)
     assert err.value.status == 503 and err.value.code == "not_active"
+
+
+class PostAnswerEater:
+    """A TCP relay in front of a node that, once, swallows the node's answer to a
+    `POST /messages` and closes the connection (HAProxy sees an empty response after the write
+    was carried out). Everything else is relayed both ways."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.eaten = threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._pump, args=(client,), daemon=True).start()
+
+    def _pump(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=2)
+        except OSError:
+            client.close()
+            return
+        posting = False
+        try:
+            while True:
+                ready, _, _ = select.select([client, upstream], [], [], 30)
+                if not ready:
+                    return
+                for s in ready:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    if s is client:
+                        if _REQUEST_LINE.match(data):  # a request head, not a body
+                            posting = data.startswith(b"POST /messages ")
+                        upstream.sendall(data)
+                    elif posting and not self.eaten.is_set():
+                        self.eaten.set()
+                        return  # the answer is lost: close both sides
+                    else:
+                        client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (client, upstream):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+
+@pytest.mark.parametrize("fresh_db", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("keyed", [True, False], ids=["with-key", "without-key"])
+def test_haproxy_never_stores_a_post_twice_after_a_lost_answer(pair, make_haproxy, keyed):
+    """A node carries out POST /messages but its answer is lost (empty response). HAProxy may
+    send the request again only when it carries an Idempotency-Key (the node then answers with
+    the message already stored); without one, a resend would store it twice, so the client gets
+    the error (502, or its keep-alive connection closed) and decides. Whether HAProxy resends
+    varies from request to request, so this tries ten times, on new and reused connections."""
+    eater = PostAnswerEater(pair.ports[0])
+    try:
+        lb = make_haproxy(pair, HACHAT_NODE_A=eater.address)
+        c = HachatClient(lb.url)
+        c.login("ana", PASSWORD)
+        outcomes = []
+        for attempt in range(10):
+            gid = c.create_group(f"retry {attempt}")["id"]
+            eater.eaten.clear()
+            conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+            try:
+                if attempt % 2:  # a reused (keep-alive) connection
+                    conn.request("GET", "/health")
+                    assert conn.getresponse().read()
+                headers = {"Authorization": f"Bearer {c.token}",
+                           "Content-Type": "application/json"}
+                if keyed:
+                    headers["Idempotency-Key"] = f"lb-key-{attempt}"
+                conn.request("POST", "/messages", headers=headers,
+                             body=json.dumps({"groupId": gid, "content": "once"}).encode())
+                try:
+                    resp = conn.getresponse()
+                    status, answer = resp.status, json.loads(resp.read())
+                except http.client.RemoteDisconnected:  # closed without an answer
+                    status, answer = None, {}
+            finally:
+                conn.close()
+            assert eater.eaten.is_set()
+            stored = stored_messages(lb.url, c.token, gid)
+            outcomes.append((status, len(stored)))
+            assert [m["content"] for m in stored] == ["once"], outcomes
+            if status == 200:  # resent: the node answered with the message it had stored
+                assert keyed and answer["id"] == stored[0]["id"], (outcomes, answer)
+            else:
+                assert status in (None, 502), (outcomes, answer)
+    finally:
+        eater.close()

@@ -54,8 +54,7 @@ def test_two_users_chat_live_delete_and_escaping(site, open_chat, screenshot):
     screenshot(ana.page, "02-conversation-ana")
     screenshot(bea.page, "02-conversation-bea")
 
-    # a deletion disappears for both (not the newest message: on SQLite the server reuses the
-    # id of a deleted newest message, see test_client_api.py::test_message_ids_are_never_reused)
+    # a deletion disappears for both
     ana.send("oops, wrong group")
     oops = ana.wait_message("oops, wrong group")
     assert bea.wait_message("oops, wrong group") == oops
@@ -81,8 +80,16 @@ def test_two_users_chat_live_delete_and_escaping(site, open_chat, screenshot):
         assert chat.page.evaluate("window.__pwned") is None
     screenshot(ana.page, "05-script-shown-as-text")
 
+    # deleting the newest message, then sending: the new message shows (its id is new)
+    bea.message("window.__pwned").locator(".delete-message").click()
+    for chat in (ana, bea):
+        chat.expect(chat.page.locator(f'#message-list li[data-id="{shown}"]')).to_have_count(0)
+    bea.send("Sorry, that was a test.")
+    last = bea.wait_message("Sorry, that was a test.")
+    assert ana.wait_message("Sorry, that was a test.") == last and last != shown
+
     expected = db_message_ids(base, "ana", gid)
-    assert expected == [first, second, question, shown]
+    assert expected == [first, second, question, last]
     for chat in (ana, bea):
         assert chat.message_ids() == expected
         assert chat.page.evaluate(SAME_DOCUMENT), "the page was reloaded"

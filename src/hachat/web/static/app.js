@@ -156,7 +156,7 @@
     return url.href;
   }
 
-  async function fetchOnce(method, url, body, timeoutMs, sessionSignal) {
+  async function fetchOnce(method, url, body, timeoutMs, sessionSignal, extraHeaders) {
     const ctrl = new AbortController();
     const onSessionAbort = () => ctrl.abort();
     if (sessionSignal) sessionSignal.addEventListener('abort', onSessionAbort, { once: true });
@@ -164,6 +164,7 @@
     const headers = { Accept: 'application/json' };
     if (body !== undefined) headers['Content-Type'] = 'application/json';
     if (state.token) headers.Authorization = `Bearer ${state.token}`;
+    if (extraHeaders) Object.assign(headers, extraHeaders);
     try {
       const resp = await fetch(url, {
         method,
@@ -187,7 +188,7 @@
   }
 
   // One API call, retried (same origin, backoff + jitter) on network errors and 502/503/504.
-  // Options: query, body, timeoutMs, retryForMs (Infinity = forever, 0 = no retry).
+  // Options: query, body, headers, timeoutMs, retryForMs (Infinity = forever, 0 = no retry).
   async function api(method, path, opts) {
     const o = opts || {};
     const signal = state.abort ? state.abort.signal : null;
@@ -203,7 +204,7 @@
         let reason = '';
         let activeUrl = null;
         try {
-          answer = await fetchOnce(method, url, o.body, o.timeoutMs || REQUEST_TIMEOUT_MS, signal);
+          answer = await fetchOnce(method, url, o.body, o.timeoutMs || REQUEST_TIMEOUT_MS, signal, o.headers);
         } catch (e) {
           if (e instanceof SessionEnded || session !== state.session) throw new SessionEnded();
           reason = 'connection lost';
@@ -578,7 +579,10 @@
     $('message-list').appendChild(pending);
     $('message-scroller').scrollTop = $('message-scroller').scrollHeight;
     try {
-      const message = await api('POST', 'messages', { body: { groupId, content, clientMessageId } });
+      // the key also as a header: a proxy (deploy/haproxy.cfg) may then safely resend the request
+      const message = await api('POST', 'messages', {
+        body: { groupId, content, clientMessageId }, headers: { 'Idempotency-Key': clientMessageId },
+      });
       pending.remove();
       addMessages(groupId, [message]);
       if (state.currentGroupId === groupId) renderMessages(true);

@@ -377,3 +377,18 @@ def test_fanout_matches_brute_force(seed):
     assert s["users"] == len({u for u, _, _, sent in waiters if not sent})
     assert s["groups"] == len({g for _, gs, _, sent in waiters if not sent for g in gs})
     assert all(hub._by_group.values()) and all(hub._by_user.values())
+
+
+def test_head_position_never_rests_on_an_abandoned_position():
+    """Regression: GET /events without a cursor handed out visible_position(), which can be a
+    position whose transaction rolled back. A node taking over reuses such numbers (it starts
+    after the database's highest row), so a client holding it would skip a new event."""
+    loop = FakeLoop()
+    hub = EventHub(loop)
+    hub.reset(10)
+    committed = hub.reserve()
+    abandoned = hub.reserve()
+    hub.complete(committed, Event(committed.position, "message.created", 1, None, {}, "t"))
+    hub.complete(abandoned, None)
+    assert hub.visible_position() == 12
+    assert hub.head_position() == 11

@@ -38,7 +38,7 @@ def events(ctx: ApiContext, request: Request) -> Response | Deferred:
     require_active(ctx)
     me = ctx.auth.principal(request, ctx.db)
     if since is None:
-        return render_events([], ctx.hub.visible_position())
+        return render_events([], ctx.hub.head_position())
     for _attempt in range(3):
         upto = ctx.hub.visible_position()
         if since > upto:

@@ -114,6 +114,7 @@ class EventHub:
         self._generation = 0  # 0 = never reset: reserve() refuses
         self._next = 1  # the position the next reserve() hands out
         self._visible = 0
+        self._head = 0  # the newest committed event's position
         self._completed: dict[int, Event | None] = {}  # completed, above the horizon
         self._buffer: deque[Event] = deque(maxlen=buffer_size)
         # Every visible event with position > _floor is in _buffer.
@@ -137,6 +138,7 @@ class EventHub:
             self._generation += 1
             self._next = last_position + 1
             self._visible = last_position
+            self._head = last_position
             self._completed.clear()
             self._buffer.clear()
             self._floor = last_position
@@ -197,6 +199,7 @@ class EventHub:
             self._visible = visible
             if not new:
                 return
+            self._head = new[-1].position
             buf = self._buffer
             maxlen = buf.maxlen
             for ev in new:
@@ -217,6 +220,16 @@ class EventHub:
     def visible_position(self) -> int:
         with self._lock:
             return self._visible
+
+    def head_position(self) -> int:
+        """The position of the newest committed event (or the one `reset` started from).
+
+        The cursor to hand a client that asks where the stream is now. Not
+        `visible_position()`: that may sit on an abandoned position, which a node taking over
+        later would hand out again, so a client holding it could skip a new event.
+        """
+        with self._lock:
+            return self._head
 
     # -- waiting -------------------------------------------------------------------------
     def wait(self, user_id: int, group_ids: set[int] | frozenset[int], since: int,

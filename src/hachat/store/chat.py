@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from sqlalchemy import delete, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from . import rawsql
 from .errors import NotFound
 from .models import Group, Membership, Message, User, utcnow
 
@@ -125,6 +124,13 @@ def _message_by_client_id(s: Session, user_id: int, client_message_id: str) -> M
     ).first()
 
 
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (group_id, user_id, content, created_at, epoch, client_message_id) "
+    "VALUES (:group_id, :user_id, :content, :created_at, :epoch, :client_message_id) "
+    "ON CONFLICT (user_id, client_message_id) DO NOTHING RETURNING id"
+)
+
+
 def create_message(s: Session, user_id: int, group_id: int, content: str, epoch: int,
                    client_message_id: str | None = None) -> tuple[Message, bool]:
     """Insert a message; returns (message, created).
@@ -134,33 +140,39 @@ def create_message(s: Session, user_id: int, group_id: int, content: str, epoch:
     this time). One statement: INSERT ... ON CONFLICT DO NOTHING RETURNING, so a concurrent
     duplicate neither fails the transaction nor needs a savepoint.
     """
-    dialect = s.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    stmt = (insert(Message)
-            .values(group_id=group_id, user_id=user_id, content=content, epoch=int(epoch),
-                    client_message_id=client_message_id, created_at=utcnow())
-            .on_conflict_do_nothing(index_elements=["user_id", "client_message_id"])
-            .returning(Message))
-    message = s.scalars(stmt).first()
-    if message is not None:
-        return message, True
+    dialect = rawsql.dialect_of(s)
+    now = utcnow()
+    row = rawsql.run(s, _INSERT_MESSAGE, {
+        "group_id": group_id, "user_id": user_id, "content": content,
+        "created_at": rawsql.timestamp_param(now, dialect), "epoch": int(epoch),
+        "client_message_id": client_message_id,
+    }).first()
+    if row is not None:
+        # Not attached to the session: the caller only reads it.
+        return Message(id=row[0], group_id=group_id, user_id=user_id, content=content,
+                       created_at=now, epoch=int(epoch),
+                       client_message_id=client_message_id), True
     existing = _message_by_client_id(s, user_id, client_message_id)
     if existing is None:  # cannot happen: only that unique key can conflict
         raise IntegrityError("INSERT messages", {}, Exception("conflict without a row"))
     return existing, False
 
 
+_MEMBERSHIP = (
+    "SELECT g.id, g.name, g.created_by, g.created_at, m.user_id FROM chat_groups g "
+    "LEFT JOIN memberships m ON m.group_id = g.id AND m.user_id = :user_id "
+    "WHERE g.id = :group_id"
+)
+
+
 def membership(s: Session, group_id: int, user_id: int) -> tuple[Group | None, bool]:
     """The group (None if it does not exist) and whether the user belongs to it: one query."""
-    row = s.execute(
-        select(Group, Membership.user_id)
-        .outerjoin(Membership, (Membership.group_id == Group.id)
-                   & (Membership.user_id == user_id))
-        .where(Group.id == group_id)
-    ).first()
+    row = rawsql.run(s, _MEMBERSHIP, {"group_id": group_id, "user_id": user_id}).first()
     if row is None:
         return None, False
-    return row[0], row[1] is not None
+    group = Group(id=row[0], name=row[1], created_by=row[2],
+                  created_at=rawsql.timestamp_result(row[3]))
+    return group, row[4] is not None
 
 
 def get_message(s: Session, message_id: int) -> Message | None:

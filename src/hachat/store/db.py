@@ -190,9 +190,12 @@ class Database:
                 f"-c lock_timeout={lock_ms} -c statement_timeout={int(statement_timeout * 1000)}"
                 f" -c idle_in_transaction_session_timeout={idle_ms}"
             )
+        # No pre-ping (a round trip per transaction): a connection found dead fails its request
+        # with StoreUnavailable, and SQLAlchemy then discards the whole pool, so the next
+        # requests reconnect.
         engine = create_engine(
             url, pool_size=self.pool_size, max_overflow=max(2, self.pool_size // 4),
-            pool_timeout=self.lock_timeout, pool_pre_ping=True, pool_recycle=1800,
+            pool_timeout=self.lock_timeout, pool_recycle=1800,
             connect_args=connect_args,
         )
         self._write_engine = engine

@@ -9,9 +9,10 @@ import json
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from . import rawsql
 from .models import Event, EventRow, Membership, StreamMeta, utcnow
 
 __all__ = ["EventRow", "append_event", "events_for_user", "max_position", "prune_events",
@@ -53,9 +54,18 @@ def append_event(s: Session, position: int, kind: str, group_id: int | None,
     values = {"position": int(position), "kind": kind, "group_id": group_id,
               "target_user_id": target_user_id, "message_id": message_id,
               "payload": _dumps(payload), "created_at": utcnow(), "epoch": int(epoch)}
-    # A plain INSERT, not the unit of work: this runs on every chat write.
-    s.execute(insert(Event), [values])
+    # Plain SQL, not the unit of work: this runs on every chat write.
+    params = dict(values, created_at=rawsql.timestamp_param(values["created_at"],
+                                                            rawsql.dialect_of(s)))
+    rawsql.run(s, _INSERT_EVENT, params)
     return Event(**values)
+
+
+_INSERT_EVENT = (
+    "INSERT INTO events (position, kind, group_id, target_user_id, message_id, payload, "
+    "created_at, epoch) VALUES (:position, :kind, :group_id, :target_user_id, :message_id, "
+    ":payload, :created_at, :epoch)"
+)
 
 
 def stream_floor(s: Session) -> int:

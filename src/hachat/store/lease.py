@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from . import rawsql
 from .db import Database
 from .errors import Fenced
 
@@ -129,11 +130,11 @@ def assert_holder(session: Session, node_id: str, epoch: int) -> None:
     On PostgreSQL this holds the write gate shared until the transaction ends, so a takeover
     waits for this transaction, and every later write reads the new epoch.
     """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock_shared(:ns, :key)"),
-                        {"ns": GATE[0], "key": GATE[1]})
-    row = session.execute(
-        text("SELECT holder, epoch FROM lease WHERE id = :id"), {"id": LEASE_ID}
-    ).one()
-    if row.holder != node_id or int(row.epoch) != int(epoch):
-        raise Fenced(node_id, epoch, row.holder, int(row.epoch))
+    # Plain SQL through the driver: this runs at the start of every write.
+    if rawsql.dialect_of(session) == "postgresql":
+        rawsql.run(session, "SELECT pg_advisory_xact_lock_shared(:ns, :key)",
+                   {"ns": GATE[0], "key": GATE[1]})
+    holder, current = rawsql.run(session, "SELECT holder, epoch FROM lease WHERE id = :id",
+                                 {"id": LEASE_ID}).one()
+    if holder != node_id or int(current) != int(epoch):
+        raise Fenced(node_id, epoch, holder, int(current))

@@ -209,12 +209,11 @@ def ensure_wrk() -> str:
     found = shutil.which("wrk")
     if found:
         return found
-    install = ["apt-get", "install", "-y", "-q", "wrk"]
-    if os.geteuid() != 0 and shutil.which("sudo"):
-        install = ["sudo", *install]
+    sudo = ["sudo"] if os.geteuid() != 0 and shutil.which("sudo") else []
+    install = [*sudo, "apt-get", "install", "-y", "-q", "wrk"]
     print("wrk is missing: installing it from Debian's packages", flush=True)
     if subprocess.run(install, stdout=subprocess.DEVNULL).returncode != 0:
-        update = install[:-3] + ["update", "-q"]
+        update = [*sudo, "apt-get", "update", "-q"]
         subprocess.run(update, stdout=subprocess.DEVNULL, check=True)
         subprocess.run(install, stdout=subprocess.DEVNULL, check=True)
     found = shutil.which("wrk")
@@ -501,15 +500,26 @@ class KeepAliveHTTP:
     def request(self, method: str, path: str, body: Any = None, *, token: str | None = None,
                 headers: Mapping[str, str] | None = None) -> Reply:
         data, hdrs = _request_parts(body, token, headers)
-        try:
-            self.connect()
-            assert self._conn is not None
-            self._conn.request(method, path, body=data, headers=hdrs)
-            resp = self._conn.getresponse()
-            reply = Reply(resp.status, resp.read(), {k.lower(): v for k, v in resp.getheaders()})
-        except BaseException:
-            self.close()
-            raise
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            try:
+                self.connect()
+                assert self._conn is not None
+                self._conn.request(method, path, body=data, headers=hdrs)
+                resp = self._conn.getresponse()
+                reply = Reply(resp.status, resp.read(),
+                              {k.lower(): v for k, v in resp.getheaders()})
+                break
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                self.close()
+                # Typically the server closed a reused idle connection (keep-alive timeout)
+                # before reading this request: retry once on a fresh connection. (A request
+                # that must not run twice should carry an idempotency key.)
+                if not reused or attempt == 2:
+                    raise
+            except BaseException:
+                self.close()
+                raise
         if reply.headers.get("connection", "").lower() == "close":
             self.close()
         return reply
@@ -541,6 +551,7 @@ class NodeProc:
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
         self.starts = 0
+        self.cpus: set[int] | None = None  # pin the child to these CPUs when set
 
     @property
     def pid(self) -> int:
@@ -556,7 +567,7 @@ class NodeProc:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hachat", "serve"], env=self.env, cwd=self.workdir,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=child_setup())
+                preexec_fn=child_setup(self.cpus))
         self.starts += 1
         return self
 
@@ -609,3 +620,60 @@ class NodeProc:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+# -- CPU accounting (added for bench/http_bench.py) ---------------------------------------------
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # After the ")" that ends the command name: field 3 (state) is fields[0], so utime (14)
+    # and stime (15) are fields[11] and fields[12].
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def cpu_busy_percent(seconds: float = 1.0) -> dict[int, float]:
+    """How busy each CPU was over the next `seconds` (from /proc/stat), in percent."""
+
+    def sample() -> dict[int, tuple[int, int]]:
+        out = {}
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                name, *values = line.split()
+                if name.startswith("cpu") and name != "cpu":
+                    ticks = [int(v) for v in values]
+                    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+                    out[int(name[3:])] = (sum(ticks[:8]), idle)
+        return out
+
+    before = sample()
+    time.sleep(seconds)
+    after = sample()
+    busy = {}
+    for cpu, (total, idle) in after.items():
+        t0, i0 = before.get(cpu, (total, idle))
+        span = total - t0
+        busy[cpu] = 100.0 * (span - (idle - i0)) / span if span > 0 else 0.0
+    return busy
+
+
+def process_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a process has used so far, from /proc."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS
+
+
+def source_revision() -> str:
+    """The repository's HEAD (short), with "+changes" when src/ differs from it; "?" if unknown."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (head or "?") + ("+changes" if dirty else "")

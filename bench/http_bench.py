@@ -51,6 +51,7 @@ from bench.common import (
     ManagedProcess,
     WrkResult,
     available_cpus,
+    cpu_busy_percent,
     create_pg_database,
     drop_pg_database,
     ensure_wrk,
@@ -62,6 +63,8 @@ from bench.common import (
     pg_available,
     pg_url,
     pinning_plan,
+    process_cpu_seconds,
+    process_cpu_split,
     raise_nofile_limit,
     run_wrk,
     start_hachat,
@@ -105,6 +108,8 @@ class Options:
     profile_dir: Path | None
     strict: bool
     quick: bool
+    keep: bool = False
+    log_level: str = "WARNING"
     server_cpus: set[int] | None = None
     load_cpus: set[int] | None = None
 
@@ -125,8 +130,10 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--no-postgres", action="store_true", help="POST /messages on SQLite only")
     p.add_argument("--no-idle", action="store_true",
                    help="skip the idle-connections / long-polls measurement")
-    p.add_argument("--idle-connections", type=int, default=5000)
-    p.add_argument("--long-polls", type=int, default=5000)
+    p.add_argument("--idle-connections", type=int, default=5000,
+                   help="idle keep-alive connections to hold open (5000)")
+    p.add_argument("--long-polls", type=int, default=5000,
+                   help="waiting long-polls to hold open (5000)")
     p.add_argument("--poll-route", choices=("events", "status"), default="events",
                    help="long-polls on GET /events (default) or GET /subscribe/status")
     p.add_argument("--poll-timeout", type=int, default=60, help="long-poll timeout, s (60)")
@@ -135,6 +142,10 @@ def parse_args(argv: list[str] | None) -> Options:
                    help="after measuring, profile hachat with py-spy during one extra run per "
                         "scenario; flame graphs and hot functions go to this directory")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--log-level", default="WARNING",
+                   help="hachat's LOG_LEVEL (WARNING); with --keep its logs are kept")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the scratch directory (server logs, SQLite files, Lua scripts)")
     p.add_argument("--hold", help=argparse.SUPPRESS)  # internal: the connection-holder helper
     args = p.parse_args(argv)
     if args.hold:
@@ -150,7 +161,8 @@ def parse_args(argv: list[str] | None) -> Options:
     return Options(args.duration, args.runs, args.warmup, args.connections, servers,
                    not args.no_post, not args.no_postgres, not args.no_idle,
                    args.idle_connections, args.long_polls, args.poll_route, args.poll_timeout,
-                   args.json_path, args.profile_dir, args.strict, args.quick)
+                   args.json_path, args.profile_dir, args.strict, args.quick, args.keep,
+                   args.log_level.upper())
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -160,7 +172,20 @@ class Series:
 
     name: str
     runs: list[WrkResult] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # server CPU seconds during each run
     notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cpu_share(self) -> float:
+        """Median share of one core the server used during the runs."""
+        return median(c / r.seconds for c, r in zip(self.cpu, self.runs, strict=True)
+                      if r.seconds)
+
+    @property
+    def per_cpu_second(self) -> float:
+        """Median requests answered per CPU-second of the server: less sensitive than req/s
+        to other work stealing the server's core."""
+        return median(r.requests / c for c, r in zip(self.cpu, self.runs, strict=True) if c > 0)
 
     @property
     def rps(self) -> float:
@@ -185,7 +210,10 @@ class Series:
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "median_rps": self.rps, "median_p99_ms": self.p99,
                 "median_p50_ms": self.p50, "socket_errors": self.errors,
-                "non_2xx": self.non_2xx, "runs": [r.as_dict() for r in self.runs],
+                "non_2xx": self.non_2xx, "server_cpu_seconds": self.cpu,
+                "median_cpu_share": self.cpu_share,
+                "median_requests_per_cpu_second": self.per_cpu_second,
+                "runs": [r.as_dict() for r in self.runs],
                 **self.notes}
 
 
@@ -200,7 +228,9 @@ class Report:
     problems: list[str] = field(default_factory=list)
     checks: list[tuple[str, bool | None, str]] = field(default_factory=list)
     load_start: tuple[float, float, float] = field(default_factory=os.getloadavg)
+    busy_before: dict[int, float] = field(default_factory=dict)
     load_end: tuple[float, float, float] | None = None
+    lease_epochs: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
 
 
 def say(text: str) -> None:
@@ -237,14 +267,17 @@ def start_server(name: str, opts: Options, workdir: Path,
                  env: dict[str, str] | None = None,
                  database_url: str | None = None) -> tuple[ManagedProcess, int]:
     if name == "hachat":
+        env = {"LOG_LEVEL": opts.log_level, **(env or {})}
         return start_hachat(workdir / f"hachat-{secrets.token_hex(3)}", env=env,
                             database_url=database_url, cpus=opts.server_cpus)
     return start_peer(name, workdir, opts.server_cpus)
 
 
-def measure(url: str, opts: Options, label: str, *, script: Path | None = None,
+def measure(url: str, opts: Options, label: str, pid: int, *, script: Path | None = None,
             before_run=None, after_run=None) -> Series:
-    """An unmeasured warm-up, then opts.runs wrk runs."""
+    """An unmeasured warm-up, then opts.runs wrk runs; also the CPU time the server process
+    `pid` used during each run (a server that got less than a whole core was starved by
+    something else on the machine, and its req/s says less than its req per CPU-second)."""
     series = Series(label)
     if opts.warmup > 0:
         warm = run_wrk(url, duration=opts.warmup, connections=opts.connections, script=script,
@@ -253,16 +286,26 @@ def measure(url: str, opts: Options, label: str, *, script: Path | None = None,
     for i in range(opts.runs):
         if before_run:
             before_run(i)
+        cpu0 = process_cpu_seconds(pid)
         result = run_wrk(url, duration=opts.duration, connections=opts.connections,
                          script=script, cpus=opts.load_cpus)
+        cpu = process_cpu_seconds(pid) - cpu0
+        if result.requests == 0:
+            # Nothing answered in the whole run: wrk then prints zero latencies, not none.
+            result.percentiles_ms = {k: float("nan") for k in result.percentiles_ms}
+            result.rps = float("nan")
+            series.notes.setdefault("empty_runs", 0)
+            series.notes["empty_runs"] += 1
         series.runs.append(result)
+        series.cpu.append(cpu)
         if after_run:
             after_run(i)
         extra = ""
         if result.non_2xx or result.error_count:
             extra = f"  non-2xx {result.non_2xx}, socket errors {result.errors}"
         say(f"    run {i + 1}/{opts.runs}: {result.rps:>10,.0f} req/s   p50 "
-            f"{fmt_ms(result.p50_ms):>9}   p99 {fmt_ms(result.p99_ms):>9}{extra}")
+            f"{fmt_ms(result.p50_ms):>9}   p99 {fmt_ms(result.p99_ms):>9}   server CPU "
+            f"{100 * cpu / result.seconds if result.seconds else 0:4.0f} %{extra}")
     return series
 
 
@@ -273,8 +316,14 @@ def py_spy() -> str | None:
 
 
 def profile_run(pid: int, url: str, opts: Options, tag: str, script: Path | None = None) -> dict:
-    """Two unmeasured wrk runs with py-spy recording `pid`: collapsed stacks (summarized into
-    the functions and lines with the most samples on top of the stack) and a flame graph."""
+    """Two unmeasured wrk runs with py-spy attached to `pid`.
+
+    1. `--gil`, raw collapsed stacks: only the thread holding the GIL is sampled, so the
+       summary says where the Python CPU time goes (threads waiting for the GIL, the database
+       or the network are left out; system calls release the GIL, so the user/system split
+       of the process's CPU time is reported next to it).
+    2. a flame graph of every thread (`--threads`), for looking around.
+    """
     tool = py_spy()
     if tool is None:
         return {"error": "py-spy is not installed (pip install py-spy)"}
@@ -282,14 +331,17 @@ def profile_run(pid: int, url: str, opts: Options, tag: str, script: Path | None
     out.mkdir(parents=True, exist_ok=True)
     seconds = max(5, int(opts.duration))
     found: dict[str, Any] = {}
-    for fmt, path in (("raw", out / f"{tag}.txt"), ("flamegraph", out / f"{tag}.svg")):
+    runs = (("raw", out / f"{tag}.txt", ["--gil"]), ("flamegraph", out / f"{tag}.svg", []))
+    for fmt, path, extra in runs:
         rec = subprocess.Popen(
-            [tool, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "200",
-             "--format", fmt, "--output", str(path), "--threads", "--full-filenames"],
+            [tool, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "250",
+             "--format", fmt, "--output", str(path), "--threads", "--full-filenames", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(0.3)
+        user0, system0 = process_cpu_split(pid)
         result = run_wrk(url, duration=seconds, connections=opts.connections, script=script,
                          cpus=opts.load_cpus)
+        user1, system1 = process_cpu_split(pid)
         try:
             _, err = rec.communicate(timeout=30)
         except subprocess.TimeoutExpired:
@@ -297,6 +349,12 @@ def profile_run(pid: int, url: str, opts: Options, tag: str, script: Path | None
             _, err = rec.communicate(timeout=5)
         found[fmt] = str(path)
         found[f"rps_under_profiler_{fmt}"] = result.rps
+        if fmt == "raw":
+            used = (user1 - user0) + (system1 - system0)
+            found["cpu_seconds"] = round(used, 2)
+            found["system_share"] = round((system1 - system0) / used, 3) if used else None
+            found["cpu_ms_per_request"] = (round(1000 * used / result.requests, 3)
+                                           if result.requests else None)
         if not path.exists():
             found["error"] = f"py-spy wrote no {fmt}: {(err or '')[-300:]}"
     raw = out / f"{tag}.txt"
@@ -384,7 +442,13 @@ def bench_health(opts: Options, report: Report, workdir: Path) -> None:
         try:
             url = f"http://127.0.0.1:{port}/health"
             body = http_call(port, "GET", "/health").body
-            series = measure(url, opts, name)
+            epoch = hachat_epoch(port) if name == "hachat" else None
+            series = measure(url, opts, name, proc.pid)
+            if name == "hachat":
+                note_lease(report, "GET /health", epoch, hachat_epoch(port))
+            if series.notes.get("empty_runs"):
+                report.problems.append(f"GET /health on {name}: {series.notes['empty_runs']} "
+                                       "run(s) got no answer at all (left out of the medians)")
             series.notes["body_bytes"] = len(body)
             series.notes["body"] = body.decode(errors="replace")
             report.health[name] = series
@@ -484,7 +548,9 @@ def bench_post(opts: Options, report: Report, workdir: Path, db_kind: str) -> No
         group = create_group(port, token, "bench", [])
         script = write_post_script(workdir / f"post-{db_kind}.lua", token, group)
         url = f"http://127.0.0.1:{port}/messages"
-        series = measure(url, opts, db_kind, script=script)
+        epoch = hachat_epoch(port)
+        series = measure(url, opts, db_kind, proc.pid, script=script)
+        note_lease(report, f"POST /messages on {db_kind}", epoch, hachat_epoch(port))
         wrk_runs = list(series.runs)
         if "warmup" in series.notes:
             warm = series.notes["warmup"]
@@ -588,6 +654,22 @@ class Holder:
         self.proc.stop()
 
 
+def hachat_epoch(port: int) -> int | None:
+    """The lease epoch hachat reports on /health: it goes up each time the node loses and
+    retakes the lease (and every loss answers parked long-polls and writes with 503)."""
+    try:
+        return (http_call(port, "GET", "/health", timeout=10).json() or {}).get("epoch")
+    except (OSError, ValueError):
+        return None
+
+
+def note_lease(report: Report, scenario: str, before: int | None, after: int | None) -> None:
+    report.lease_epochs[scenario] = (before, after)
+    if before != after:
+        say(f"    note: hachat lost and retook its lease during {scenario} "
+            f"(epoch {before} -> {after}): requests were refused with 503 meanwhile")
+
+
 def admin_stats(port: int, admin_token: str) -> dict[str, Any]:
     reply = http_call(port, "GET", "/stats", token=admin_token, timeout=30)
     if reply.status != 200:
@@ -623,7 +705,7 @@ def bench_idle(opts: Options, report: Report, workdir: Path) -> None:
         none_before = (opts.runs + 1) // 2
         none_after = max(1, opts.runs - none_before)
         say(f"  with none open ({none_before} run(s) now, {none_after} after closing them)")
-        base = measure(url, replace(opts, runs=none_before), "none")
+        base = measure(url, replace(opts, runs=none_before), "none", proc.pid)
         out["none"] = base
 
         # Accounts for the long-polls: a few users in one group, each holding many polls.
@@ -663,19 +745,31 @@ def bench_idle(opts: Options, report: Report, workdir: Path) -> None:
         say(f"  {conns:,} connections open, {waiters:,} long-polls parked on the server "
             f"(set up in {out['setup_seconds']} s); measuring")
         seen: list[tuple[int, int, int]] = []
+        out["server_checks"] = checks = []
 
         def check(_i: int) -> None:
-            c, p, w = parked_counts(admin_stats(port, admin), opts.poll_route)
+            stats = admin_stats(port, admin)
+            c, p, w = parked_counts(stats, opts.poll_route)
             seen.append((c - 1, p, w))
+            node = stats.get("node", {})
+            checks.append({"connections": c - 1, "parked": p, "waiters": w,
+                           "active": node.get("active"), "epoch": node.get("epoch"),
+                           "role": node.get("role")})
+            if w < n_polls or c - 1 < want_conns or not node.get("active"):
+                say(f"    warning: server now holds {c - 1:,} connections, {w:,} waiters; "
+                    f"role {node.get('role')}, epoch {node.get('epoch')}")
 
         before = [h.command("report") for h in holders]
-        loaded = measure(url, opts, "with", before_run=check, after_run=check)
+        epoch = hachat_epoch(port)
+        loaded = measure(url, opts, "with", proc.pid, before_run=check, after_run=check)
         after = [h.command("report") for h in holders]
+        note_lease(report, "the idle-connections runs", epoch, hachat_epoch(port))
         out["with"] = loaded
         out["min_connections_seen"] = min(s[0] for s in seen)
         out["min_waiters_seen"] = min(s[2] for s in seen)
         out["helper_counters_during_runs"] = {
-            h.kind: {k: a[k] - b.get(k, 0) for k in a} for h, b, a in zip(holders, before, after, strict=True)
+            h.kind: {k: a[k] - b.get(k, 0) for k in a if a[k] - b.get(k, 0)}
+            for h, b, a in zip(holders, before, after, strict=True)
         }
         out["valid"] = (out["min_connections_seen"] >= want_conns
                         and out["min_waiters_seen"] >= n_polls)
@@ -694,9 +788,10 @@ def bench_idle(opts: Options, report: Report, workdir: Path) -> None:
                 raise RuntimeError("the server still holds connections 60 s after closing")
             time.sleep(0.2)
         say("  with none open again")
-        again = measure(url, replace(opts, runs=none_after, warmup=0), "none")
+        again = measure(url, replace(opts, runs=none_after, warmup=0), "none", proc.pid)
         base.runs.extend(again.runs)
-        out["ratio"] = loaded.rps / base.rps if base.rps else float("nan")
+        base.cpu.extend(again.cpu)
+        out["ratio"] = div(loaded.rps, base.rps)
     except Exception as exc:
         report.problems.append(f"idle connections: {exc}")
         say(f"    FAILED: {exc}")
@@ -793,6 +888,8 @@ async def _hold(spec: dict[str, Any]) -> None:
                         cursor = answer.get("cursor", answer.get("version", cursor))
                     else:
                         counters["errors"] += 1
+                        key = f"status_{status}"
+                        counters[key] = counters.get(key, 0) + 1
                         await asyncio.sleep(1.0)
                     if close:
                         counters["closed_by_server"] += 1
@@ -833,19 +930,24 @@ def ratio_text(value: float) -> str:
     return "-" if value != value else f"{value:.2f}x"
 
 
+def div(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 or NaN (a server that answered nothing has no ratio)."""
+    return a / b if b and b == b else float("nan")
+
+
 def evaluate(report: Report) -> None:
     checks = report.checks
     hachat = report.health.get("hachat")
     aio = report.health.get("aiohttp")
     wai = report.health.get("waitress")
     if hachat and aio:
-        r = hachat.rps / aio.rps
+        r = div(hachat.rps, aio.rps)
         checks.append((f"GET /health >= {TARGET_VS_AIOHTTP:.1f}x aiohttp", r >= TARGET_VS_AIOHTTP,
                        f"{ratio_text(r)} ({fmt_int(hachat.rps)} vs {fmt_int(aio.rps)} req/s)"))
         checks.append(("GET /health p99 <= aiohttp's", hachat.p99 <= aio.p99,
                        f"{fmt_ms(hachat.p99)} vs {fmt_ms(aio.p99)}"))
     if hachat and wai:
-        r = hachat.rps / wai.rps
+        r = div(hachat.rps, wai.rps)
         checks.append((f"GET /health >= {TARGET_VS_WAITRESS:.0f}x waitress",
                        r >= TARGET_VS_WAITRESS,
                        f"{ratio_text(r)} ({fmt_int(hachat.rps)} vs {fmt_int(wai.rps)} req/s)"))
@@ -857,6 +959,11 @@ def evaluate(report: Report) -> None:
         n = series.notes
         checks.append((f"every acknowledged message stored ({kind})", n["durable"],
                        f"{n['acknowledged']:,} acknowledged, {n['stored_sql']:,} rows"))
+    if report.lease_epochs:
+        lost = {k: v for k, v in report.lease_epochs.items() if v[0] != v[1]}
+        checks.append(("hachat kept its lease through every scenario (no 503s)", not lost,
+                       "; ".join(f"{k}: epoch {a} -> {b}" for k, (a, b) in lost.items())
+                       or "epoch unchanged"))
     idle = report.idle
     if "ratio" in idle:
         ok = idle["ratio"] >= TARGET_IDLE_RATIO and idle.get("valid", False)
@@ -875,58 +982,74 @@ def render(report: Report) -> str:
     pin = (f"server on CPU {sorted(o.server_cpus)[0]}, wrk on CPU {sorted(o.load_cpus)[0]}"
            if o.server_cpus else "NOT pinned (fewer than 2 CPUs)")
     add("")
-    add("=" * 96)
+    add("=" * 110)
     add(f"hachat HTTP benchmark: wrk -t1 -c{o.connections} -d{o.duration:g}s --latency, "
         f"median of {o.runs} run(s), {pin}")
-    add(f"load average (1 min) {report.load_start[0]:.1f} at the start, "
-        f"{(report.load_end or report.load_start)[0]:.1f} at the end: other work on this "
-        "machine shows up as noise")
-    add("=" * 96)
+    busy = ", ".join(f"CPU {c} {b:.0f} %" for c, b in sorted(report.busy_before.items()))
+    add(f"before the start: {busy} busy with other work; load average (1 min) "
+        f"{report.load_start[0]:.1f} at the start, {(report.load_end or report.load_start)[0]:.1f}"
+        " at the end.")
+    add("CPU = share of its core the server got during the runs: well under 100 % on a "
+        "throughput run means something else ran on that core and req/s is understated.")
+    add("=" * 110)
+    # Columns: median req/s, p50, p99, failed requests (socket errors + non-2xx), the share
+    # of one core the server used, requests per server CPU-second, then the ratio(s).
+    head = (f"{'req/s':>9}{'p50':>10}{'p99':>10}{'fails':>7}{'CPU':>6}{'req/CPU-s':>11}")
+
+    def cells(s: Series) -> str:
+        return (f"{fmt_int(s.rps):>9}{fmt_ms(s.p50):>10}{fmt_ms(s.p99):>10}"
+                f"{s.errors + s.non_2xx:>7}{100 * s.cpu_share:>5.0f}%"
+                f"{fmt_int(s.per_cpu_second):>11}")
+
     if report.health:
         hachat = report.health.get("hachat")
-        add(f"{'GET /health':<40}{'req/s':>10}{'p50':>11}{'p99':>11}{'errors':>8}"
-            f"{'hachat/peer':>13}")
+        add(f"{'GET /health':<38}{head}{'hachat/peer':>13}{'per CPU-s':>11}")
         for name, s in report.health.items():
-            ratio = "" if name == "hachat" or not hachat else ratio_text(hachat.rps / s.rps)
-            errs = s.errors + s.non_2xx
-            add(f"{LABELS[name]:<40}{fmt_int(s.rps):>10}{fmt_ms(s.p50):>11}{fmt_ms(s.p99):>11}"
-                f"{errs:>8}{ratio:>13}")
+            ratio = per_cpu = ""
+            if hachat and name != "hachat":
+                ratio = ratio_text(div(hachat.rps, s.rps))
+                per_cpu = ratio_text(div(hachat.per_cpu_second, s.per_cpu_second))
+            add(f"{LABELS[name]:<38}{cells(s)}{ratio:>13}{per_cpu:>11}")
         add("")
     if report.posts:
-        add(f"{'POST /messages (hachat, valid token)':<40}{'msg/s':>10}{'p50':>11}{'p99':>11}"
-            f"{'errors':>8}{'acked':>9}{'stored':>9}")
+        add(f"{'POST /messages (hachat, valid token)':<38}{head}{'acked':>9}{'stored':>9}"
+            f"{'CPU/msg':>10}")
         for kind, s in report.posts.items():
             n = s.notes
-            add(f"{'  on ' + ('PostgreSQL' if kind == 'postgres' else 'SQLite'):<40}"
-                f"{fmt_int(s.rps):>10}{fmt_ms(s.p50):>11}{fmt_ms(s.p99):>11}"
-                f"{s.errors + s.non_2xx:>8}{n['acknowledged']:>9,}{n['stored_sql']:>9,}")
+            label = "  on " + ("PostgreSQL" if kind == "postgres" else "SQLite")
+            cpu_ms = div(1000.0, s.per_cpu_second)
+            add(f"{label:<38}{cells(s)}{n['acknowledged']:>9,}{n['stored_sql']:>9,}"
+                f"{fmt_ms(cpu_ms):>10}")
         add("")
     idle = report.idle
     if "none" in idle:
-        add(f"{'GET /health on hachat':<40}{'req/s':>10}{'p50':>11}{'p99':>11}{'errors':>8}"
-            f"{'ratio':>13}")
-        for key, label in (("none", "  nothing else open"),
+        add(f"{'GET /health on hachat':<38}{head}{'ratio':>13}{'per CPU-s':>11}")
+        for key, label in (("none", "  nothing else open (before+after)"),
                            ("with", f"  {idle['idle_connections']:,} idle + "
                                     f"{idle['long_polls']:,} long-polls")):
             s = idle.get(key)
             if s is None:
                 continue
-            ratio = f"{100 * idle['ratio']:.0f} %" if key == "with" and "ratio" in idle else ""
-            add(f"{label:<40}{fmt_int(s.rps):>10}{fmt_ms(s.p50):>11}{fmt_ms(s.p99):>11}"
-                f"{s.errors + s.non_2xx:>8}{ratio:>13}")
+            ratio = per_cpu = ""
+            if key == "with" and "ratio" in idle:
+                ratio = f"{100 * idle['ratio']:.0f} %"
+                per_cpu = f"{100 * div(s.per_cpu_second, idle['none'].per_cpu_second):.0f} %"
+            add(f"{label:<38}{cells(s)}{ratio:>13}{per_cpu:>11}")
         add("")
     if report.checks:
-        add("Targets (issue 6):")
+        add("Targets (issue 6) and checks:")
         for title, ok, detail in report.checks:
             add(f"  {'PASS' if ok else 'FAIL'}  {title:<52} {detail}")
     for problem in report.problems:
         add(f"  PROBLEM  {problem}")
     for tag, prof in report.profiles.items():
         add("")
-        add(f"py-spy, hachat {tag}: {prof.get('flamegraph', '')} "
-            f"({fmt_int(prof.get('rps_under_profiler_raw', float('nan')))} req/s under the "
-            f"profiler; {prof.get('samples', 0)} busy samples, "
-            f"{prof.get('waiting_samples', 0)} waiting set aside)")
+        system = prof.get("system_share")
+        add(f"py-spy --gil, hachat {tag} ({fmt_int(prof.get('rps_under_profiler_raw', 0))} "
+            f"req/s under the profiler; server CPU {prof.get('cpu_ms_per_request')} ms a "
+            f"request, {'?' if system is None else f'{100 * system:.0f}'} % of it in the "
+            f"kernel; {prof.get('samples', 0)} samples); flame graph "
+            f"{prof.get('flamegraph', '')}")
         if "error" in prof:
             add(f"  {prof['error']}")
         add("  threads: " + ", ".join(f"{n} {p:.0f} %" for n, p in prof.get("threads", [])[:4]))
@@ -944,19 +1067,29 @@ def figures(report: Report) -> str:
              f"({platform.python_implementation()} {platform.python_version()}), "
              f"wrk -t1 -c{o.connections} -d{o.duration:g}s, median of {o.runs}, "
              f"server CPU 0 / wrk CPU 1, load avg {report.load_start[0]:.1f}->"
-             f"{(report.load_end or report.load_start)[0]:.1f}"]
+             f"{(report.load_end or report.load_start)[0]:.1f}, CPU busy before start "
+             + "/".join(f"{b:.0f}%" for _, b in sorted(report.busy_before.items()))]
     hachat = report.health.get("hachat")
     if report.health:
         parts = []
         for name, s in report.health.items():
             ratio = ""
             if hachat and name != "hachat":
-                ratio = f" [{ratio_text(hachat.rps / s.rps)}]"
-            parts.append(f"{name} {fmt_int(s.rps)} req/s p99 {fmt_ms(s.p99)}{ratio}")
+                ratio = f" [{ratio_text(div(hachat.rps, s.rps))}]"
+            parts.append(f"{name} {fmt_int(s.rps)} req/s p99 {fmt_ms(s.p99)} "
+                         f"(CPU {100 * s.cpu_share:.0f}%){ratio}")
         lines.append("GET /health: " + "; ".join(parts))
+        if hachat:
+            lines.append("  per server CPU-second (noise check): " + "; ".join(
+                f"{name} {fmt_int(s.per_cpu_second)}"
+                + (f" [{ratio_text(div(hachat.per_cpu_second, s.per_cpu_second))}]"
+                   if name != "hachat" else "")
+                for name, s in report.health.items()))
     for kind, s in report.posts.items():
         n = s.notes
-        lines.append(f"POST /messages {kind}: {fmt_int(s.rps)} msg/s p99 {fmt_ms(s.p99)}; "
+        cpu_ms = div(1000.0, s.per_cpu_second)
+        lines.append(f"POST /messages {kind}: {fmt_int(s.rps)} msg/s p99 {fmt_ms(s.p99)}, "
+                     f"server CPU {fmt_ms(cpu_ms)}/msg; "
                      f"acknowledged {n['acknowledged']:,}, stored {n['stored_sql']:,} "
                      f"({'durable' if n['durable'] else 'LOST MESSAGES'})")
     idle = report.idle
@@ -994,6 +1127,8 @@ def to_json(report: Report) -> dict[str, Any]:
         "post_messages": plain(report.posts),
         "idle": plain(report.idle),
         "load_average": {"start": report.load_start, "end": report.load_end},
+        "lease_epochs": report.lease_epochs,
+        "cpu_busy_before_start_percent": report.busy_before,
         "targets": [{"target": t, "pass": ok, "detail": d} for t, ok, d in report.checks],
         "profiles": report.profiles,
         "problems": report.problems,
@@ -1009,9 +1144,20 @@ def main(argv: list[str] | None = None) -> int:
     if opts.server_cpus is None:
         say("warning: fewer than 2 CPUs available; server and wrk share the CPU(s)")
     report = Report(opts)
+    report.busy_before = cpu_busy_percent(1.0)
+    busy = ", ".join(f"CPU {c} {b:.0f} %" for c, b in sorted(report.busy_before.items()))
+    say(f"before starting, with nothing of ours running: {busy} busy; "
+        f"load average {report.load_start[0]:.1f}")
+    if max(report.busy_before.values(), default=0) > 20:
+        say("warning: the machine is busy with other work; expect noisy figures")
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="hachat-http-bench-") as tmp:
-        workdir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if opts.keep:
+            workdir = Path(tempfile.mkdtemp(prefix="hachat-http-bench-"))
+            say(f"scratch directory (kept): {workdir}")
+        else:
+            workdir = Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="hachat-http-bench-")))
         try:
             if opts.servers:
                 bench_health(opts, report, workdir)

@@ -42,9 +42,11 @@ from bench.common import (
     NodeProc,
     format_table,
     latency_summary,
+    pinning_plan,
     raise_nofile_limit,
     read_rss_bytes,
     read_sched_ns,
+    source_revision,
     verdict,
 )
 
@@ -72,8 +74,7 @@ class Seeded:
 def seed_database(url: str, clients: int, small: int, big: int) -> Seeded:
     """Users u00000.. (the waiting clients) and `poster`, all with one precomputed argon2 hash;
     groups: g-small (poster + the first `small` clients), g-big (poster + the first `big`),
-    lobby (everyone; never posted to, it only makes each waiter watch several groups), warm-up
-    (the poster alone: one unmeasured message before each delivery phase)."""
+    and lobby (everyone; never posted to, it only makes each waiter watch several groups)."""
     from argon2 import PasswordHasher
 
     from hachat.store import accounts, chat
@@ -97,7 +98,6 @@ def seed_database(url: str, clients: int, small: int, big: int) -> Seeded:
                 "small": chat.create_group(s, "g-small", poster.id, ids[:small]).id,
                 "big": chat.create_group(s, "g-big", poster.id, ids[:big]).id,
                 "lobby": chat.create_group(s, "lobby", poster.id, ids).id,
-                "warmup": chat.create_group(s, "warm-up", poster.id, []).id,
             }
     finally:
         db.dispose()
@@ -163,6 +163,7 @@ class ClientWorker:
         self.collect: tuple[int, float] | None = None
         self.rearmed = 0
         self.errors: dict[str, int] = {}
+        self.samples: dict[str, tuple[float, str]] = {}  # first answer of each error kind
         self.stopping = False
 
     # -- main loop -----------------------------------------------------------------------
@@ -193,7 +194,8 @@ class ClientWorker:
             expected, deadline = self.collect
             if len(self.results) >= expected or time.monotonic() >= deadline:
                 waiting = sum(1 for s in self.slots.values() if s.state == WAITING)
-                results, self.results = self.results, []
+                results = [summarize(*r) for r in self.results]
+                self.results = []
                 self.collect = None
                 self.conn.send(("collected", results, waiting))
 
@@ -221,7 +223,7 @@ class ClientWorker:
                 counts[name] = counts.get(name, 0) + 1
             counts["rearmed"] = self.rearmed
             counts.update({f"error:{k}": v for k, v in self.errors.items()})
-            self.conn.send(("counts", counts))
+            self.conn.send(("counts", counts, self.samples))
         elif kind == "stop":
             self.stopping = True
             for slot in self.slots.values():
@@ -305,8 +307,10 @@ class ClientWorker:
         self.arm_outstanding -= 1
         self.arm_sent += 1
 
-    def count(self, what: str) -> None:
+    def count(self, what: str, sample: bytes | None = None) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
+        if sample is not None and what not in self.samples:
+            self.samples[what] = (time.monotonic(), sample.decode("latin-1")[:400])
 
     def failed_arm(self, slot: Slot, why: str) -> None:
         self.count(why)
@@ -327,7 +331,7 @@ class ClientWorker:
         if not data:
             if slot.state == WAITING:
                 self.count("eof-while-waiting")
-                self.results.append((slot.index, now, -1, -1, 0, None))
+                self.results.append((slot.index, now, -1, b""))
             self.drop(slot)
             return
         if slot.state != WAITING:
@@ -351,7 +355,7 @@ class ClientWorker:
         buf = slot.buf
         status = int(buf[9:12])
         if status != 200:
-            self.count(f"status-{status}")
+            self.count(f"status-{status}", bytes(buf[:slot.header_end + slot.content_length]))
         body = bytes(buf[slot.header_end:slot.header_end + slot.content_length])
         head = bytes(buf[:slot.header_end]).lower()
         slot.state = IDLE
@@ -368,15 +372,8 @@ class ClientWorker:
                 self.arm_outstanding += 1
                 self.send_request(slot)
             return
-        cursor, n_events, message_id = -1, 0, None
-        if status == 200:
-            doc = json.loads(body)
-            cursor = doc["cursor"]
-            n_events = len(doc["events"])
-            first = doc["events"][0]
-            if first.get("type") == "message.created":
-                message_id = first["data"]["id"]
-        self.results.append((slot.index, slot.t_first, status, cursor, n_events, message_id))
+        # Parsed only when the coordinator collects: less work while answers arrive.
+        self.results.append((slot.index, slot.t_first, status, body))
 
     def drop(self, slot: Slot, rst: bool = False) -> None:
         sock = slot.sock
@@ -394,6 +391,20 @@ class ClientWorker:
         slot.state = NEW
 
 
+def summarize(index: int, t_first: float, status: int, body: bytes) -> tuple:
+    """(client, first-byte time, status, cursor, number of events, id of the message in the
+    first event or None) for one answer."""
+    cursor, n_events, message_id = -1, 0, None
+    if status == 200:
+        doc = json.loads(body)
+        cursor = doc["cursor"]
+        n_events = len(doc["events"])
+        first = doc["events"][0] if doc["events"] else {}
+        if first.get("type") == "message.created":
+            message_id = first["data"]["id"]
+    return index, t_first, status, cursor, n_events, message_id
+
+
 def content_length(head: bytes) -> int:
     """The Content-Length of a response head (0 when absent)."""
     for line in head.split(b"\r\n")[1:]:
@@ -404,8 +415,10 @@ def content_length(head: bytes) -> int:
 
 
 def worker_main(conn: Connection, host: str, port: int, source_ip: str,
-                tokens: dict[int, str]) -> None:
+                tokens: dict[int, str], cpus: set[int] | None) -> None:
     raise_nofile_limit()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     with contextlib.suppress(KeyboardInterrupt):
         ClientWorker(conn, host, port, source_ip, tokens).run()
 
@@ -413,9 +426,11 @@ def worker_main(conn: Connection, host: str, port: int, source_ip: str,
 class LoadClient:
     """The coordinator's handle on the client processes. Client i lives in process i % P."""
 
-    def __init__(self, processes: int, host: str, port: int, tokens: list[str]) -> None:
+    def __init__(self, processes: int, host: str, port: int, tokens: list[str],
+                 cpus: set[int] | None = None) -> None:
         ctx = mp.get_context("fork")
         self.n = processes
+        self.samples: dict[str, tuple[float, str]] = {}  # first error answer of each kind
         self.pipes: list[Connection] = []
         self.procs = []
         for w in range(processes):
@@ -423,7 +438,7 @@ class LoadClient:
             parent, child = ctx.Pipe()
             # Each process its own source address: 10,000s of connects never run out of ports.
             p = ctx.Process(target=worker_main, name=f"rt-client-{w}", daemon=True,
-                            args=(child, host, port, f"127.0.0.{10 + w}", mine))
+                            args=(child, host, port, f"127.0.0.{10 + w}", mine, cpus))
             p.start()
             child.close()
             self.pipes.append(parent)
@@ -483,12 +498,17 @@ class LoadClient:
         return sum(r[1] for r in self._gather("closed", 60))
 
     def counts(self) -> dict[str, int]:
+        """Clients per state, re-arms after empty answers, and errors, over all processes."""
         for pipe in self.pipes:
             pipe.send(("counts",))
         total: dict[str, int] = {}
+        self.samples = {}
         for reply in self._gather("counts", 30):
             for k, v in reply[1].items():
                 total[k] = total.get(k, 0) + v
+            for k, v in reply[2].items():
+                if k not in self.samples or v[0] < self.samples[k][0]:
+                    self.samples[k] = v
         return total
 
     def stop(self) -> None:
@@ -505,6 +525,10 @@ class LoadClient:
 # The coordinator
 # ============================================================================================
 
+class ClientsLost(RuntimeError):
+    """Some clients were answered or disconnected while they should be waiting."""
+
+
 @dataclass
 class Report:
     params: dict[str, Any]
@@ -517,10 +541,15 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.report = Report(params={k: v for k, v in vars(args).items() if k != "json"})
+        self.recoveries: list[str] = []  # long-polls lost (503) and sent again
+        self.slowest_stats = 0.0  # the longest GET /stats took (it is answered on the loop)
+        self.stale_answers = 0
 
     # -- node helpers -----------------------------------------------------------------------
     def stats(self) -> dict:
+        t0 = time.monotonic()
         reply = self.admin.request("GET", "/stats", token=ADMIN_TOKEN)
+        self.slowest_stats = max(self.slowest_stats, time.monotonic() - t0)
         if reply.status != 200:
             raise RuntimeError(f"GET /stats answered {reply.status}: {reply.body[:200]!r}")
         return reply.json()
@@ -539,15 +568,67 @@ class Bench:
                                    f"clients={self.clients.counts()}")
             time.sleep(0.05)
 
+    def wait_waiters(self, n: int, what: str, timeout: float = 300) -> tuple[dict, float]:
+        """Until hub.waiters >= n; fails early when clients were answered with an error or
+        lost their connection (they would never be counted)."""
+        started = time.monotonic()
+        deadline = started + timeout
+        next_check = started + 1.0
+        while True:
+            st = self.stats()
+            if self.waiters(st) >= n:
+                return st, time.monotonic() - started
+            now = time.monotonic()
+            if now > next_check:
+                next_check = now + 1.0
+                c = self.clients.counts()
+                if c.get("waiting", 0) + c.get("connecting", 0) < n and now > started + 3:
+                    raise ClientsLost(
+                        f"{what}: clients lost their long-poll: {c}; hub {st['hub']['waiters']}"
+                        f" waiters; first error answers: {self.clients.samples}")
+            if now > deadline:
+                raise TimeoutError(f"{what}: not reached in {timeout} s; last stats: "
+                                   f"hub={st['hub']} http={st['http']} "
+                                   f"clients={self.clients.counts()}")
+            time.sleep(0.05)
+
     def waiters(self, st: dict) -> int:
         return st["hub"]["waiters"]
+
+    def park(self, indices: list[int], what: str, timeout: float = 300) -> dict:
+        """Send the clients' long-polls and wait until the hub counts them all. Clients that
+        were answered meanwhile (503 when the node stopped being active) are sent again once
+        the node is active again; each such recovery is recorded."""
+        for _attempt in range(5):
+            since = self.cursor()
+            _sent, failed = self.clients.arm(indices, since)
+            if failed:
+                raise RuntimeError(f"{what}: {failed} clients could not send their long-poll"
+                                   f" ({self.clients.counts()})")
+            try:
+                st, _ = self.wait_waiters(len(indices), what, timeout)
+                return st
+            except ClientsLost as exc:
+                self.recoveries.append(f"{what}: {str(exc)[:400]}")
+                log(f"    clients lost their long-poll ({str(exc)[:160]}...); waiting for the "
+                    f"node to be active again, then sending them again")
+                self.node.wait_health(timeout=60, active=True)
+                time.sleep(0.5)
+        raise RuntimeError(f"{what}: gave up after 5 attempts")
 
     def rss(self) -> int:
         return read_rss_bytes(self.node.pid)
 
     def cursor(self) -> int:
-        reply = self.poster.request("GET", "/events", token=self.seeded.poster_token)
-        return reply.json()["cursor"]
+        """The stream's current position (GET /events without a cursor), once active."""
+        deadline = time.monotonic() + 60
+        while True:
+            reply = self.poster.request("GET", "/events", token=self.seeded.poster_token)
+            if reply.status == 200:
+                return reply.json()["cursor"]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"GET /events answered {reply.status}: {reply.body[:200]!r}")
+            time.sleep(0.2)
 
     def settle(self, seconds: float = 1.0) -> None:
         time.sleep(seconds)
@@ -557,27 +638,30 @@ class Bench:
         """(a) n clients parked at once; RSS while they wait."""
         log(f"(a) parking {n} long-polls ...")
         rss_idle = self.rss()
-        since = self.cursor()
         started = time.monotonic()
-        sent, failed = self.clients.arm(list(range(n)), since)
-        st, _ = self.wait_stats("all clients waiting", lambda s: self.waiters(s) >= n, 300)
+        self.park(list(range(n)), "all clients waiting")
         park_seconds = time.monotonic() - started
         self.settle(1.0)
         st = self.stats()
         held = self.waiters(st)
         rss = self.rss()
+        log(f"    slowest GET /stats while they connected: {self.slowest_stats:.2f} s")
         log(f"    {held} waiting after {park_seconds:.1f} s ({n / park_seconds:.0f}/s); "
             f"RSS {rss / MiB:.0f} MiB (idle {rss_idle / MiB:.0f} MiB); "
             f"connections {st['http']['connections']}, parked {st['http']['parked']}")
         self.report.figures["hold"] = {
-            "clients": n, "sent": sent, "failed": failed, "hub_waiters": held,
+            "clients": n, "hub_waiters": held,
             "http_parked": st["http"]["parked"], "connections": st["http"]["connections"],
             "park_seconds": round(park_seconds, 2), "rss_bytes": rss, "rss_idle_bytes": rss_idle,
+            "slowest_stats_s": round(self.slowest_stats, 3),
             "rss_per_waiter_bytes": round((rss - rss_idle) / max(1, held)),
         }
-        ok_held = held == n and failed == 0
+        ok_held = held == n
         self.report.rows.append((f"(a) waiting clients held (hub.waiters, of {n})", held,
                                  f"= {n}", verdict(ok_held)))
+        self.report.rows.append(("    time to park them all / slowest GET /stats",
+                                 f"{park_seconds:.1f} s ({n / park_seconds:.0f}/s) / "
+                                 f"{self.slowest_stats:.2f} s", "(info)", ""))
         self.report.rows.append((f"(a) server RSS with {held} waiting",
                                  f"{rss / MiB:.0f} MiB", "< 1024 MiB",
                                  verdict(rss < TARGETS["rss"])))
@@ -598,18 +682,12 @@ class Bench:
         indices = list(range(members))
         expected = self.clients.expected_by_proc(indices)
         per_round = []
-        warm = self.poster.request("POST", "/messages", {"groupId": self.seeded.groups["warmup"],
-                                                         "content": "warm-up"},
-                                   token=self.seeded.poster_token)
-        if warm.status != 201:
-            raise RuntimeError(f"warm-up POST answered {warm.status}: {warm.body!r}")
-        for r in range(rounds):
-            since = self.cursor()
-            sent, failed = self.clients.arm(indices, since)
-            if failed:
-                raise RuntimeError(f"{failed} clients could not send their long-poll")
-            self.wait_stats(f"{members} waiting", lambda s: self.waiters(s) >= members, 300)
+        for r in range(-1, rounds):  # round -1: a warm-up, not counted
+            self.park(indices, f"{members} waiting")
             self.settle(0.5)
+            stale, _ = self.clients.collect_round([0] * self.clients.n, 0)
+            if stale:  # answers that came before the POST (e.g. 503 during a demotion)
+                self.stale_answers += len(stale)
             self.poster.connect()
             sched0 = read_sched_ns(self.node.pid)
             clients0 = self.clients.sched_ns()
@@ -635,8 +713,9 @@ class Bench:
                 "server_runqueue_wait_ms": round((sched1[1] - sched0[1]) / 1e6, 1),
                 "clients_cpu_ms": round((clients1[0] - clients0[0]) / 1e6, 1),
                 "clients_runqueue_wait_ms": round((clients1[1] - clients0[1]) / 1e6, 1)})
-            per_round.append(summary)
-            log(f"    round {r + 1}: delivered {len(good)}/{members}"
+            if r >= 0:
+                per_round.append(summary)
+            log(f"    {'warm-up' if r < 0 else f'round {r + 1}'}: delivered {len(good)}/{members}"
                 f"{f', bad {bad}' if bad else ''}"
                 f"{f', still waiting {still_waiting}' if still_waiting else ''}; "
                 f"p50 {summary['p50']:.1f} ms, p99 {summary['p99']:.1f} ms, "
@@ -649,11 +728,19 @@ class Bench:
         all_delivered = all(s["delivered"] == members and s["bad"] == 0 for s in per_round)
         self.report.figures[f"delivery_{members}"] = {
             "members": members, "rounds": per_round, "median_p99_ms": median_p99}
-        vals = ", ".join(f"{s['p50']:.0f}/{s['p99']:.0f}/{s['max']:.0f}" for s in per_round)
         self.report.rows.append((f"({label}) {members} members: p99 ms (median of {rounds})",
                                  f"{median_p99:.1f}", f"<= {target_ms:g}",
                                  verdict(median_p99 <= target_ms and all_delivered)))
-        self.report.rows.append(("    rounds p50/p99/max ms", vals, "", ""))
+        self.report.rows.append(("    p50 / p99 / max ms, each round",
+                                 " ".join(f"{s['p50']:.0f}/{s['p99']:.0f}/{s['max']:.0f}"
+                                          for s in per_round), "", ""))
+        acked = statistics.median(s["post_ack_ms"] for s in per_round)
+        self.report.rows.append(("    POST answered after (server done writing), median",
+                                 f"{acked:.0f} ms", "(info)", ""))
+        cpu = statistics.median(s["server_cpu_ms"] for s in per_round)
+        runq = statistics.median(s["server_runqueue_wait_ms"] for s in per_round)
+        self.report.rows.append(("    server on CPU / waiting for a CPU (median)",
+                                 f"{cpu:.0f} ms / {runq:.0f} ms", "(info)", ""))
         if not all_delivered:
             self.report.rows.append(("    missing or wrong answers", sum(
                 s["missing"] + s["bad"] for s in per_round), "0", "FAIL"))
@@ -670,17 +757,13 @@ class Bench:
         rss_marks = []
         done = 0
         start = 0
-        since = self.cursor()
         started = time.monotonic()
         n_batch = 0
         while done < total:
             size = min(batch, total - done)
             indices = [(start + k) % n_clients for k in range(size)]
             start = (start + size) % n_clients
-            sent, failed = self.clients.arm(indices, since)
-            if failed:
-                raise RuntimeError(f"{failed} clients could not send their long-poll")
-            self.wait_stats("batch waiting", lambda s, size=size: self.waiters(s) >= size, 120)
+            self.park(indices, "cycle batch waiting", 120)
             self.clients.close(indices, rst=n_batch % 2 == 1)
             self.wait_stats("batch gone", lambda s: self.waiters(s) == 0, 60)
             done += size
@@ -730,18 +813,26 @@ class Bench:
         self.seeded = seed_database(url, a.clients, a.small, a.big)
         log(f"    seeded in {self.seeded.seconds:.1f} s")
         self.node = NodeProc("rt-node", {"DATABASE_URL": url, "IS_ACTIVE": "true",
-                                         "ADMIN_TOKEN": ADMIN_TOKEN, "LOG_LEVEL": "WARNING"},
+                                         "ADMIN_TOKEN": ADMIN_TOKEN, "LOG_LEVEL": "INFO"},
                              workdir)
+        server_cpus, client_cpus = pinning_plan() if a.pin else (None, None)
+        self.node.cpus = server_cpus
+        if client_cpus:
+            os.sched_setaffinity(0, client_cpus)  # the coordinator runs with the clients
+        log(f"CPUs: server {sorted(server_cpus) if server_cpus else 'any'}, clients "
+            f"{sorted(client_cpus) if client_cpus else 'any'}")
+        self.report.figures["cpus"] = {"server": server_cpus, "clients": client_cpus}
         self.clients: LoadClient | None = None
         try:
             self.node.start()
             self.node.wait_health(timeout=60, active=True)
             log(f"node pid {self.node.pid} at {self.node.url} (log {self.node.log_path})")
-            self.admin = KeepAliveHTTP(self.node.url)
-            self.poster = KeepAliveHTTP(self.node.url)
+            # Generous timeouts: a slow answer is a figure to report, not a reason to stop.
+            self.admin = KeepAliveHTTP(self.node.url, timeout=120)
+            self.poster = KeepAliveHTTP(self.node.url, timeout=120)
             self.cursor()  # opens the poster's connection
             self.clients = LoadClient(a.processes, "127.0.0.1", self.node.port,
-                                      self.seeded.tokens)
+                                      self.seeded.tokens, client_cpus)
             self.baseline_conns = self.stats()["http"]["connections"]
             self.report.figures["baseline_connections"] = self.baseline_conns
             self.report.figures["rss_start_bytes"] = self.rss()
@@ -766,6 +857,17 @@ class Bench:
                     time.sleep(2)
             self.report.figures["client_counts"] = self.clients.counts()
             self.report.figures["rss_end_bytes"] = self.rss()
+            self.report.figures["recoveries"] = self.recoveries
+            self.report.figures["stale_answers"] = self.stale_answers
+            changes = role_changes(self.node.log_path)
+            self.report.figures["role_changes"] = changes
+            self.report.rows.append(("node stayed active (role changes after start)",
+                                     len(changes), "0", verdict(not changes)))
+            if self.recoveries:
+                self.report.rows.append(("    long-polls answered 503 and sent again",
+                                         f"{len(self.recoveries)} times", "(info)", ""))
+            for line in changes[:6]:
+                log(f"    role change: {line}")
         finally:
             if self.clients is not None:
                 self.clients.stop()
@@ -775,6 +877,15 @@ class Bench:
             else:
                 shutil.rmtree(workdir, ignore_errors=True)
         return self.report
+
+
+def role_changes(log_path: Path) -> list[str]:
+    """The node's role transitions after its start decision (lines `role a -> b ...`)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [ln for ln in lines if " role " in ln and " -> " in ln and "role starting ->" not in ln]
 
 
 def log(text: str) -> None:
@@ -793,6 +904,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cycles", type=int, help="connect-wait-disconnect cycles (default 10000)")
     p.add_argument("--cycle-batch", type=int, default=2000, help="clients per cycle batch")
     p.add_argument("--processes", type=int, default=4, help="load-client processes (default 4)")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="pin the server to one CPU and the load client to another "
+                        "(default: on when two CPUs are usable)")
     p.add_argument("--phases", default="abcd",
                    help="which phases to run, in order (default abcd)")
     p.add_argument("--json", metavar="FILE", help="also write every figure as JSON to FILE")
@@ -813,9 +927,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     report = Bench(args).run()
     elapsed = time.monotonic() - started
+    cpus = report.figures.get("cpus", {})
+    pinned = (f"server pinned to CPU {sorted(cpus['server'])}, clients to "
+              f"{sorted(cpus['clients'])}" if cpus.get("server") else "no pinning")
     title = (f"hachat real-time benchmark ({'quick' if args.quick else 'full'}): SQLite, "
-             f"{args.processes} client processes, {os.cpu_count()} CPUs, "
-             f"{time.strftime('%Y-%m-%d %H:%M')}, {elapsed:.0f} s")
+             f"{args.processes} client processes, {os.cpu_count()} CPUs ({pinned}), "
+             f"{time.strftime('%Y-%m-%d %H:%M')}, {elapsed:.0f} s, src {source_revision()}")
     print(title)
     print(format_table(("measure", "value", "target", "verdict"), report.rows))
     failed = [r for r in report.rows if r[3] == "FAIL"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,22 @@ def call(base: str, method: str, path: str, body: Any = None, *, token: str | No
         return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def fresh_database(kind: str, workdir: Path) -> Iterator[str]:
+    """A new, empty database URL of `kind` ("sqlite" or "postgres"), dropped afterwards."""
+    if kind == "sqlite":
+        yield f"sqlite:///{workdir / 'pair.db'}"
+        return
+    require_pg()
+    import dbutil
+
+    url = dbutil.create_pg_database()
+    try:
+        yield url
+    finally:
+        dbutil.drop_pg_database(url)
 
 
 class NodeProcess:

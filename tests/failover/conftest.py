@@ -3,21 +3,14 @@ from __future__ import annotations
 import pytest
 from harness import Pair
 
-from support import ChatUser, require_pg
+from support import ChatUser, fresh_database
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def fresh_db(request, tmp_path):
     """A new empty database per test: the lease row is the whole cluster's state."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'pair.db'}"
-        return
-    require_pg()
-    import dbutil
-
-    url = dbutil.create_pg_database()
-    yield url
-    dbutil.drop_pg_database(url)
+    with fresh_database(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ for _extra in (_HERE.parent, _HERE.parent / "failover"):  # support.py, dbutil.p
 
 from harness import Pair  # noqa: E402
 
-from support import REPO, call, free_port, require_pg, required  # noqa: E402
+from support import REPO, call, free_port, fresh_database, required  # noqa: E402
 
 HAPROXY_CFG = REPO / "deploy" / "haproxy.cfg"
 CHROMIUM = "/usr/bin/chromium"
@@ -76,15 +76,8 @@ def wait_for() -> Callable[..., object]:
 @pytest.fixture(params=["sqlite", "postgres"])
 def fresh_db(request, tmp_path) -> Iterator[str]:
     """A new empty database per test (as in tests/failover): the lease row is the cluster."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'pair.db'}"
-        return
-    require_pg()
-    import dbutil
-
-    url = dbutil.create_pg_database()
-    yield url
-    dbutil.drop_pg_database(url)
+    with fresh_database(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from importlib import resources
 from hachat.api.auth import Authenticator
 from hachat.api.context import ApiContext
 from hachat.api.errors import not_active
+from hachat.api.group_commit import MessageCommitter
 from hachat.api.router import Route
 from hachat.api.routes import build_router
 from hachat.api.throttle import RateLimiter
@@ -73,6 +74,8 @@ class HachatNode:
                               server_stats=lambda: self.server.stats(),
                               login_limiter=RateLimiter(settings.login_rate,
                                                         settings.login_burst))
+        self.committer = MessageCommitter(self.ctx)
+        self.ctx.committer = self.committer
         self.router = build_router(self.ctx)
         self.node.subscribe(self._on_transition)
         self.status.publish(self.node.snapshot())
@@ -132,6 +135,7 @@ class HachatNode:
         self.upgrade_schema()
         address = self.server.bind()
         self.monitor.start()
+        self.committer.start()
         self.keeper.start()
         self._pruner.start()
         return address
@@ -147,4 +151,5 @@ class HachatNode:
         finally:
             self.monitor.stop()
             self.server.shutdown()
+            self.committer.stop()
             self.db.dispose()

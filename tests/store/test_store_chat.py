@@ -173,3 +173,53 @@ def test_list_messages_pagination(db, users):
     assert [m.id for m in page3] == ids[:1]
     assert page4 == []
     assert [m.content for m in page1] == ["m6", "m5", "m4"]
+
+
+# -- post_messages: many drafts, one transaction (the group commit's store half) ------------
+def test_post_messages_gives_one_result_per_draft_in_order(db, users):
+    ann, ben, cat, _ = users
+    with db.write() as s:
+        group = chat.create_group(s, "Batch", ann.id, [ben.id])
+        other = chat.create_group(s, "Other", cat.id, [])
+    drafts = [
+        chat.MessageDraft(ann.id, group.id, "one", "k1"),
+        chat.MessageDraft(cat.id, group.id, "not a member"),        # cat is not in the group
+        chat.MessageDraft(ben.id, group.id, "two"),
+        chat.MessageDraft(ann.id, 999_999, "no such group"),
+        chat.MessageDraft(ann.id, group.id, "one", "k1"),           # same key in the batch
+        chat.MessageDraft(ann.id, other.id, "not mine", "k2"),
+        chat.MessageDraft(ben.id, group.id, "three", "k1"),         # same key, other author
+    ]
+    with db.write() as s:
+        results = chat.post_messages(s, drafts, epoch=7)
+    outcomes = [r.outcome for r in results]
+    assert outcomes == [chat.PostOutcome.CREATED, chat.PostOutcome.NOT_MEMBER,
+                        chat.PostOutcome.CREATED, chat.PostOutcome.NO_GROUP,
+                        chat.PostOutcome.EXISTING, chat.PostOutcome.NOT_MEMBER,
+                        chat.PostOutcome.CREATED]
+    first, second, third = results[0].message, results[2].message, results[6].message
+    assert results[4].message.id == first.id
+    assert first.id < second.id < third.id
+    assert all(r.message is None for r in (results[1], results[3], results[5]))
+    with db.read() as s:
+        stored = chat.list_messages(s, group.id)
+        assert [(m.id, m.user_id, m.content, m.epoch, m.client_message_id) for m in stored] == [
+            (third.id, ben.id, "three", 7, "k1"), (second.id, ben.id, "two", 7, None),
+            (first.id, ann.id, "one", 7, "k1")]
+        assert chat.list_messages(s, other.id) == []
+
+
+def test_post_messages_finds_a_key_used_in_an_earlier_transaction(db, users):
+    ann, ben, *_ = users
+    with db.write() as s:
+        group = chat.create_group(s, "Again", ann.id, [ben.id])
+        earlier, _ = chat.create_message(s, ann.id, group.id, "hi", 1, "key")
+    with db.write() as s:
+        (result,) = chat.post_messages(s, [chat.MessageDraft(ann.id, group.id, "hi", "key")], 2)
+    assert result.outcome is chat.PostOutcome.EXISTING
+    assert (result.message.id, result.message.epoch) == (earlier.id, 1)
+
+
+def test_post_messages_of_nothing_touches_nothing(db):
+    with db.write() as s:
+        assert chat.post_messages(s, [], 1) == []

@@ -11,7 +11,7 @@ from hachat.api.errors import forbidden, invalid_field, not_found
 from hachat.api.params import Params
 from hachat.api.views import group_view, message_view, user_view
 from hachat.api.writes import fenced_write, reading, require_active
-from hachat.http.messages import HTTPError, Request, Response, json_response
+from hachat.http.messages import Deferred, Request, Response, json_response
 from hachat.store import NotFound, accounts, chat
 
 CONTENT_MAX = 4000
@@ -179,24 +179,16 @@ def _client_message_id(request: Request, params: Params) -> str | None:
     return from_body if from_body is not None else header
 
 
-def post_message(ctx: ApiContext, request: Request) -> Response:
+def post_message(ctx: ApiContext, request: Request) -> Deferred:
+    """Validated and authenticated here; written by the group committer (see group_commit),
+    which answers once the message is committed."""
     params = Params.of(request)
     group_id = params.id("groupId")
     content = _content(params)
     client_id = _client_message_id(request, params)
     me = acting_user(ctx, request, params)
-    with fenced_write(ctx) as w:
-        _member_or_403(w.session, group_id, me.user_id)
-        message, created = chat.create_message(w.session, me.user_id, group_id, content,
-                                               w.epoch, client_id)
-        if not created and (message.group_id != group_id or message.content != content):
-            raise HTTPError(409, "idempotency_conflict",
-                            "this idempotency key was already used for a different message",
-                            extra={"messageId": message.id})
-        view = message_view(message, me.username)
-        if created:
-            w.emit("message.created", group_id, None, view)
-    return json_response(201 if created else 200, view)
+    draft = chat.MessageDraft(me.user_id, group_id, content, client_id)
+    return ctx.committer.submit(draft, me.username)
 
 
 def delete_message(ctx: ApiContext, request: Request) -> Response:

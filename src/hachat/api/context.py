@@ -11,6 +11,7 @@ from hachat.settings import Settings
 
 if TYPE_CHECKING:
     from hachat.api.auth import Authenticator
+    from hachat.api.group_commit import MessageCommitter
     from hachat.cluster.keeper import LeaseKeeper
     from hachat.cluster.node import Node
     from hachat.realtime.hub import EventHub
@@ -32,3 +33,5 @@ class ApiContext:
     login_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(20.0, 40))
     # Password hashing runs here, never on the server's worker pool (see throttle.SideLane).
     login_lane: SideLane = field(default_factory=lambda: SideLane(2, 64, name="login"))
+    # Writes chat messages in batches (group commit); set by the composition root.
+    committer: MessageCommitter | None = None

@@ -104,4 +104,6 @@ def stats(ctx: ApiContext, request: Request) -> Response:
     """Counters for operators and tests: connections, parked requests, waiters."""
     ctx.auth.require_admin(request)
     return json_response(200, {"node": ctx.node.snapshot(), "http": ctx.server_stats(),
-                               "hub": ctx.hub.stats(), "status": ctx.status.stats()})
+                               "hub": ctx.hub.stats(), "status": ctx.status.stats(),
+                               "messageCommit": (ctx.committer.stats()
+                                                 if ctx.committer is not None else None)})

@@ -64,7 +64,7 @@ class SideLane:
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
 
     def submit(self, job: Callable[[], Response]) -> Deferred:
-        deferred = Deferred(self.timeout, _busy)
+        deferred = Deferred(self.timeout, _busy, working=True)
         try:
             self._queue.put_nowait((job, deferred))
         except queue.Full:

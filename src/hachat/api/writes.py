@@ -47,6 +47,22 @@ class StreamWriter:
                                  payload, self.epoch)
         return event
 
+    def emit_many(self, items: list[tuple[str, int | None, int | None, dict[str, Any]]]
+                  ) -> list[Event]:
+        """`emit` for many `(kind, group_id, target_user_id, payload)`: positions in list
+        order, rows inserted as one batch."""
+        stamp = iso_now()
+        events: list[Event] = []
+        rows = []
+        for kind, group_id, target, payload in items:
+            ticket = self.ctx.hub.reserve()
+            event = Event(ticket.position, kind, group_id, target, payload, stamp)
+            self.pending.append((ticket, event))
+            events.append(event)
+            rows.append((ticket.position, kind, group_id, target, payload))
+        event_store.append_events(self.session, rows, self.epoch)
+        return events
+
 
 def require_active(ctx: ApiContext) -> None:
     if not ctx.node.is_active:

@@ -691,8 +691,10 @@ class Connection:
             self._close()
         elif st is PARKED:
             deferred = self._parked
-            if deferred.done:
-                return  # resolved from another thread; its answer is on the way
+            if deferred.done or deferred.working:
+                # Resolved from another thread (its answer is on the way), or work in
+                # progress: both are left to finish within the grace period.
+                return
             self._unpark()
             _cancel_quietly(deferred)
             self._set(HANDLING)

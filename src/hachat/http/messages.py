@@ -93,16 +93,22 @@ class Deferred:
       - the timeout passes: `on_timeout()` is called and what it returns is sent;
       - the client goes away or the server shuts down: `on_cancel()` is called.
     A `resolve` that arrives before the server attached the deferred is kept and sent at attach.
+
+    `working=True` marks a request whose answer is being computed elsewhere (a write queued
+    for commit, a password being hashed) rather than one waiting for something to happen: a
+    graceful shutdown lets it finish within the grace period instead of answering 503 at once,
+    since its work may already have taken effect.
     """
 
-    __slots__ = ("timeout", "on_timeout", "on_cancel", "_lock", "_done", "_early",
+    __slots__ = ("timeout", "on_timeout", "on_cancel", "working", "_lock", "_done", "_early",
                  "_sender", "_loop")
 
     def __init__(self, timeout: float, on_timeout: Callable[[], Response],
-                 on_cancel: Callable[[], None] | None = None) -> None:
+                 on_cancel: Callable[[], None] | None = None, *, working: bool = False) -> None:
         self.timeout = timeout
         self.on_timeout = on_timeout
         self.on_cancel = on_cancel
+        self.working = working
         self._lock = threading.Lock()
         self._done = False
         self._early: Response | None = None

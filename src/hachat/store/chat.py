@@ -6,7 +6,9 @@ data consistent.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
@@ -16,9 +18,9 @@ from . import rawsql
 from .errors import NotFound
 from .models import Group, Membership, Message, User, utcnow
 
-__all__ = ["NotFound", "add_member", "create_group", "create_message", "delete_message",
+__all__ = ["MessageDraft", "NotFound", "PostOutcome", "PostResult", "add_member", "create_group", "create_message", "delete_message",
            "get_group", "get_message", "group_ids_of_user", "groups_of_user", "is_member",
-           "list_messages", "member_ids", "member_users", "remove_member"]
+           "list_messages", "member_ids", "member_users", "post_messages", "remove_member"]
 
 
 def _require_users(s: Session, user_ids: Iterable[int]) -> None:
@@ -156,6 +158,81 @@ def create_message(s: Session, user_id: int, group_id: int, content: str, epoch:
     if existing is None:  # cannot happen: only that unique key can conflict
         raise IntegrityError("INSERT messages", {}, Exception("conflict without a row"))
     return existing, False
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDraft:
+    """A message someone asked to post, not yet checked against the database."""
+
+    user_id: int
+    group_id: int
+    content: str
+    client_message_id: str | None = None
+
+
+class PostOutcome(Enum):
+    """What became of one draft in `post_messages`."""
+
+    CREATED = "created"          # a new row
+    EXISTING = "existing"        # the client message id was used before: that row
+    NO_GROUP = "no_group"        # the group does not exist
+    NOT_MEMBER = "not_member"    # the author does not belong to the group
+
+
+@dataclass(frozen=True, slots=True)
+class PostResult:
+    outcome: PostOutcome
+    message: Message | None = None
+
+
+# The membership check and the insert in one statement: a non-member inserts nothing.
+_INSERT_IF_MEMBER = (
+    "INSERT INTO messages (group_id, user_id, content, created_at, epoch, client_message_id) "
+    "SELECT m.group_id, m.user_id, CAST(:content AS TEXT), :created_at, :epoch, "
+    "CAST(:client_message_id AS TEXT) "
+    "FROM memberships m WHERE m.group_id = :group_id AND m.user_id = :user_id "
+    "ON CONFLICT (user_id, client_message_id) DO NOTHING RETURNING id"
+)
+
+
+def post_messages(s: Session, drafts: Sequence[MessageDraft], epoch: int) -> list[PostResult]:
+    """Insert many messages in the session's transaction, each only if its author belongs to
+    its group; one result per draft, in order.
+
+    Idempotent per (author, client message id) like `create_message`, also between drafts
+    of the same call. On PostgreSQL the inserts go to the server as one pipelined batch (one
+    round trip, not one per message); the rare drafts that insert nothing are then told apart
+    (no group, not a member, or an earlier message) one by one.
+    """
+    if not drafts:
+        return []
+    dialect = rawsql.dialect_of(s)
+    now = utcnow()
+    stamp = rawsql.timestamp_param(now, dialect)
+    params = [{"group_id": d.group_id, "user_id": d.user_id, "content": d.content,
+               "created_at": stamp, "epoch": int(epoch),
+               "client_message_id": d.client_message_id} for d in drafts]
+    new_ids = rawsql.insert_many_returning(s, _INSERT_IF_MEMBER, params)
+    results: list[PostResult] = []
+    for draft, new_id in zip(drafts, new_ids, strict=True):
+        if new_id is not None:
+            results.append(PostResult(PostOutcome.CREATED, Message(
+                id=new_id, group_id=draft.group_id, user_id=draft.user_id,
+                content=draft.content, created_at=now, epoch=int(epoch),
+                client_message_id=draft.client_message_id)))
+            continue
+        group, member = membership(s, draft.group_id, draft.user_id)
+        if group is None:
+            results.append(PostResult(PostOutcome.NO_GROUP))
+        elif not member:
+            results.append(PostResult(PostOutcome.NOT_MEMBER))
+        else:
+            existing = (_message_by_client_id(s, draft.user_id, draft.client_message_id)
+                        if draft.client_message_id is not None else None)
+            if existing is None:  # only that unique key can stop a member's insert
+                raise IntegrityError("INSERT messages", {}, Exception("conflict without a row"))
+            results.append(PostResult(PostOutcome.EXISTING, existing))
+    return results
 
 
 _MEMBERSHIP = (

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from . import rawsql
 from .models import Event, EventRow, Membership, StreamMeta, utcnow
 
-__all__ = ["EventRow", "append_event", "events_for_user", "max_position", "prune_events",
+__all__ = ["EventRow", "append_event", "append_events", "events_for_user", "max_position", "prune_events",
            "redact_message_events", "stream_floor"]
 
 STREAM_META_ID = 1
@@ -59,6 +59,20 @@ def append_event(s: Session, position: int, kind: str, group_id: int | None,
                                                             rawsql.dialect_of(s)))
     rawsql.run(s, _INSERT_EVENT, params)
     return Event(**values)
+
+
+def append_events(s: Session, items: list[tuple[int, str, int | None, int | None,
+                                                dict[str, Any]]], epoch: int) -> None:
+    """Insert many events, each `(position, kind, group_id, target_user_id, payload)`, as one
+    batch (pipelined on PostgreSQL). Message ids for redaction come from `message_id_of`."""
+    if not items:
+        return
+    stamp = rawsql.timestamp_param(utcnow(), rawsql.dialect_of(s))
+    rows = [{"position": int(position), "kind": kind, "group_id": group_id,
+             "target_user_id": target, "message_id": message_id_of(kind, payload),
+             "payload": _dumps(payload), "created_at": stamp, "epoch": int(epoch)}
+            for position, kind, group_id, target, payload in items]
+    rawsql.run_many(s, _INSERT_EVENT, rows)
 
 
 _INSERT_EVENT = (

@@ -31,6 +31,44 @@ def run(session: Session, sql: str, params: dict[str, Any]) -> Any:
     return conn.exec_driver_sql(driver_sql(sql, conn.dialect.name), params)
 
 
+def insert_many_returning(session: Session, sql: str,
+                          params: list[dict[str, Any]]) -> list[Any]:
+    """Run `sql` (a statement returning at most one row of one column) once per parameter
+    set, in order, in the session's transaction; the first column of each, or None.
+
+    PostgreSQL: psycopg's `executemany(returning=True)` sends every statement in pipeline
+    mode, so the whole batch costs one round trip. SQLite runs in-process: a plain loop.
+    """
+    conn = session.connection()
+    dialect = conn.dialect.name
+    statement = driver_sql(sql, dialect)
+    cursor = conn.connection.cursor()
+    try:
+        if dialect != "postgresql":
+            out = []
+            for one in params:
+                row = cursor.execute(statement, one).fetchone()
+                out.append(None if row is None else row[0])
+            return out
+        cursor.executemany(statement, params, returning=True)
+        out = []
+        while True:
+            row = cursor.fetchone()
+            out.append(None if row is None else row[0])
+            if not cursor.nextset():
+                break
+        return out
+    finally:
+        cursor.close()
+
+
+def run_many(session: Session, sql: str, params: list[dict[str, Any]]) -> None:
+    """Execute `sql` once per parameter set (the driver's executemany: pipelined on
+    PostgreSQL)."""
+    conn = session.connection()
+    conn.exec_driver_sql(driver_sql(sql, conn.dialect.name), params)
+
+
 def dialect_of(session: Session) -> str:
     return session.get_bind().dialect.name
 

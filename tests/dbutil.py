@@ -111,3 +111,14 @@ def reset_database(db) -> None:
         s.execute(text("UPDATE stream_meta SET floor = 0 WHERE id = 1"))
         s.execute(text("UPDATE lease SET holder = NULL, holder_url = NULL, epoch = 0, "
                        "expires_at = 0, acquired_at = 0 WHERE id = 1"))
+
+
+def post_one(s, user_id: int, group_id: int, content: str, epoch: int,
+             client_id: str | None = None):
+    """(message, created) for one message posted through `chat.post_messages`."""
+    from hachat.store import chat
+
+    (result,) = chat.post_messages(
+        s, [chat.MessageDraft(user_id, group_id, content, client_id)], epoch)
+    assert result.outcome in (chat.PostOutcome.CREATED, chat.PostOutcome.EXISTING), result
+    return result.message, result.outcome is chat.PostOutcome.CREATED

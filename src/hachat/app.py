@@ -29,6 +29,7 @@ from hachat.realtime.hub import EventHub
 from hachat.realtime.status import StatusWatch
 from hachat.settings import Settings
 from hachat.store import StoreError
+from hachat.store import chat as chat_store
 from hachat.store import events as event_store
 from hachat.store.db import Database
 from hachat.store.lease import assert_holder
@@ -111,6 +112,8 @@ class HachatNode:
                 with self.db.write() as session:
                     assert_holder(session, node_id, epoch)
                     pruned = event_store.prune_events(session, retention)
+                    # A retry older than the stream's retention is not a retry any more.
+                    chat_store.prune_tombstones(session, retention)
                 if pruned:
                     log.info("pruned %d events older than %.0f s", pruned, retention)
             except (StoreError, NotActive) as exc:

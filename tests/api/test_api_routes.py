@@ -138,6 +138,29 @@ def test_idempotency_key_stores_once(api_node, unique):
     assert clash.status == 409
 
 
+def test_a_retry_after_the_message_was_deleted_does_not_store_it_again(api_node, unique):
+    ana = ChatUser(api_node.url, unique("tomb"))
+    gid = ana("POST", "/groups", {"name": "tomb"}).json["id"]
+    key = str(uuid.uuid4())
+    first = ana("POST", "/messages", {"groupId": gid, "content": "regret"},
+                headers={"Idempotency-Key": key})
+    assert first.status == 201
+    assert ana("DELETE", "/messages", {"messageId": first.json["id"]}).status == 200
+    cursor = ana("GET", "/events").json["cursor"]
+    for body, headers in (({"groupId": gid, "content": "regret"}, {"Idempotency-Key": key}),
+                          ({"groupId": gid, "content": "regret", "clientMessageId": key}, {}),
+                          ({"groupId": gid, "content": "changed"}, {"Idempotency-Key": key})):
+        late = ana("POST", "/messages", body, headers=headers)
+        assert late.status == 410, late.raw
+        assert late.json["error"] == "message_deleted"
+        assert late.json["messageId"] == first.json["id"]
+    assert ana("GET", "/messages", {"groupId": gid}).json["messages"] == []
+    assert ana("GET", "/events", {"since": cursor, "timeout": 0}).json["events"] == []
+    # The key is spent for this author only.
+    assert ana("POST", "/messages", {"groupId": gid, "content": "new"},
+               headers={"Idempotency-Key": key + "-2"}).status == 201
+
+
 def test_notify_reaches_the_group_stream(api_node, unique):
     ana, bea = ChatUser(api_node.url, unique("na")), ChatUser(api_node.url, unique("nb"))
     gid = ana("POST", "/groups", {"name": "n", "memberIds": [bea.id]}).json["id"]

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from dbutil import post_one
 from hachat.store import NotFound, StoreError, accounts, chat
 
 
@@ -85,8 +86,9 @@ def test_create_get_delete_message(db, users):
     ann, ben, *_ = users
     with db.write() as s:
         group = chat.create_group(s, "g", ann.id, [ben.id])
-        message, created = chat.create_message(s, ben.id, group.id, "hello", epoch=3)
-    assert created is True and message.id is not None
+        (result,) = chat.post_messages(s, [chat.MessageDraft(ben.id, group.id, "hello")], 3)
+    message = result.message
+    assert result.outcome is chat.PostOutcome.CREATED and message.id is not None
     assert (message.group_id, message.user_id, message.content, message.epoch) == \
         (group.id, ben.id, "hello", 3)
     assert message.client_message_id is None
@@ -100,22 +102,22 @@ def test_create_get_delete_message(db, users):
         assert chat.get_message(s, message.id) is None
 
 
-def test_create_message_is_idempotent_per_user_client_id(db, users):
+def test_post_message_is_idempotent_per_user_client_id(db, users):
     ann, ben, *_ = users
     with db.write() as s:
         group = chat.create_group(s, "g", ann.id, [ben.id])
-        first, created1 = chat.create_message(s, ann.id, group.id, "hi", 1, "c-1")
-        again, created2 = chat.create_message(s, ann.id, group.id, "hi (retry)", 1, "c-1")
-        other_user, created3 = chat.create_message(s, ben.id, group.id, "hi", 1, "c-1")
-        no_id_1, _ = chat.create_message(s, ann.id, group.id, "x", 1)
-        no_id_2, _ = chat.create_message(s, ann.id, group.id, "x", 1)
+        first, created1 = post_one(s, ann.id, group.id, "hi", 1, "c-1")
+        again, created2 = post_one(s, ann.id, group.id, "hi (retry)", 1, "c-1")
+        other_user, created3 = post_one(s, ben.id, group.id, "hi", 1, "c-1")
+        no_id_1, _ = post_one(s, ann.id, group.id, "x", 1)
+        no_id_2, _ = post_one(s, ann.id, group.id, "x", 1)
     assert created1 and not created2 and created3
     assert again.id == first.id and again.content == "hi"
     assert other_user.id != first.id
     assert no_id_1.id != no_id_2.id
 
 
-def test_create_message_same_client_id_from_8_threads(db, users):
+def test_post_message_same_client_id_from_8_threads(db, users):
     ann, ben, *_ = users
     with db.write() as s:
         group = chat.create_group(s, "g", ann.id, [ben.id])
@@ -128,8 +130,8 @@ def test_create_message_same_client_id_from_8_threads(db, users):
         try:
             barrier.wait(10)
             with db.write() as s:
-                message, created = chat.create_message(s, ann.id, group.id, f"try {i}", 1,
-                                                       "same-client-id")
+                message, created = post_one(s, ann.id, group.id, f"try {i}", 1,
+                                            "same-client-id")
             with lock:
                 results.append((message.id, created))
         except BaseException as exc:  # noqa: BLE001 - reported below
@@ -148,11 +150,10 @@ def test_create_message_same_client_id_from_8_threads(db, users):
         assert len(chat.list_messages(s, group.id, None, 100)) == 1
 
 
-def test_create_message_unknown_group_still_raises(db, users):
-    from sqlalchemy.exc import IntegrityError
-
-    with pytest.raises(IntegrityError), db.write() as s:
-        chat.create_message(s, users[0].id, 99999, "x", 1, "cid")
+def test_post_message_to_an_unknown_group_writes_nothing(db, users):
+    with db.write() as s:
+        (result,) = chat.post_messages(s, [chat.MessageDraft(users[0].id, 99999, "x", "cid")], 1)
+    assert result.outcome is chat.PostOutcome.NO_GROUP
 
 
 def test_list_messages_pagination(db, users):
@@ -160,8 +161,8 @@ def test_list_messages_pagination(db, users):
     with db.write() as s:
         group = chat.create_group(s, "g", ann.id, [ben.id])
         other = chat.create_group(s, "other", ann.id, [])
-        ids = [chat.create_message(s, ann.id, group.id, f"m{i}", 1)[0].id for i in range(7)]
-        chat.create_message(s, ann.id, other.id, "elsewhere", 1)
+        ids = [post_one(s, ann.id, group.id, f"m{i}", 1)[0].id for i in range(7)]
+        post_one(s, ann.id, other.id, "elsewhere", 1)
     with db.read() as s:
         page1 = chat.list_messages(s, group.id, None, 3)
         page2 = chat.list_messages(s, group.id, page1[-1].id, 3)
@@ -213,7 +214,7 @@ def test_post_messages_finds_a_key_used_in_an_earlier_transaction(db, users):
     ann, ben, *_ = users
     with db.write() as s:
         group = chat.create_group(s, "Again", ann.id, [ben.id])
-        earlier, _ = chat.create_message(s, ann.id, group.id, "hi", 1, "key")
+        earlier, _ = post_one(s, ann.id, group.id, "hi", 1, "key")
     with db.write() as s:
         (result,) = chat.post_messages(s, [chat.MessageDraft(ann.id, group.id, "hi", "key")], 2)
     assert result.outcome is chat.PostOutcome.EXISTING
@@ -223,3 +224,27 @@ def test_post_messages_finds_a_key_used_in_an_earlier_transaction(db, users):
 def test_post_messages_of_nothing_touches_nothing(db):
     with db.write() as s:
         assert chat.post_messages(s, [], 1) == []
+
+
+def test_a_deleted_messages_client_id_is_not_reused(db, users):
+    ann, ben, *_ = users
+    with db.write() as s:
+        group = chat.create_group(s, "g", ann.id, [ben.id])
+        first, _ = post_one(s, ann.id, group.id, "once", 1, "k-del")
+        plain, _ = post_one(s, ann.id, group.id, "no key", 1)
+    with db.write() as s:
+        assert chat.delete_message(s, first.id) and chat.delete_message(s, plain.id)
+    with db.write() as s:
+        results = chat.post_messages(s, [chat.MessageDraft(ann.id, group.id, "once", "k-del"),
+                                         chat.MessageDraft(ben.id, group.id, "his", "k-del")], 2)
+    assert results[0].outcome is chat.PostOutcome.DELETED
+    assert results[0].deleted_message_id == first.id
+    assert results[1].outcome is chat.PostOutcome.CREATED  # keys are per author
+    with db.read() as s:
+        assert [m.content for m in chat.list_messages(s, group.id)] == ["his"]
+    with db.write() as s:
+        assert chat.prune_tombstones(s, 3600) == 0
+        assert chat.prune_tombstones(s, -1) == 1  # everything counts as old
+        (again,) = chat.post_messages(s, [chat.MessageDraft(ann.id, group.id, "once", "k-del")],
+                                      3)
+    assert again.outcome is chat.PostOutcome.CREATED

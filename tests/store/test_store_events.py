@@ -6,6 +6,7 @@ from datetime import timedelta
 
 from sqlalchemy import text, update
 
+from dbutil import post_one
 from hachat.store import accounts, chat, events
 from hachat.store.models import Event, utcnow
 
@@ -64,8 +65,8 @@ def test_events_for_user_filters_by_membership_and_target(db):
 def test_redact_message_events(db):
     ann, ben, cat, g1, g2 = _setup(db)
     with db.write() as s:
-        m1, _ = chat.create_message(s, ann.id, g1.id, "secret", 1)
-        m2, _ = chat.create_message(s, ann.id, g1.id, "keep", 1)
+        m1, _ = post_one(s, ann.id, g1.id, "secret", 1)
+        m2, _ = post_one(s, ann.id, g1.id, "keep", 1)
         events.append_event(s, 1, "message.created", g1.id, None,
                             {"message": {"id": m1.id, "content": "secret", "user_id": ann.id}}, 1)
         events.append_event(s, 2, "message.created", g1.id, None,

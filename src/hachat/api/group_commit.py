@@ -53,6 +53,13 @@ def _conflict(message_id: int) -> Response:
                      extra={"messageId": message_id}).to_response()
 
 
+def _deleted(message_id: int | None) -> Response:
+    return HTTPError(410, "message_deleted",
+                     "this idempotency key belongs to a message that was stored and has been "
+                     "deleted since; it is not stored again", extra={"messageId": message_id}
+                     ).to_response()
+
+
 class MessageCommitter:
     """Queues message drafts and commits them in batches on one thread of its own.
 
@@ -155,6 +162,8 @@ class MessageCommitter:
                 elif result.outcome is PostOutcome.NOT_MEMBER:
                     answers.append(forbidden(
                         f"you are not a member of group {draft.group_id}").to_response())
+                elif result.outcome is PostOutcome.DELETED:
+                    answers.append(_deleted(result.deleted_message_id))
                 elif result.outcome is PostOutcome.EXISTING:
                     message = result.message
                     if message.group_id != draft.group_id or message.content != draft.content:

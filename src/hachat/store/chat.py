@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import Enum
 
 from sqlalchemy import delete, select
@@ -16,11 +17,11 @@ from sqlalchemy.orm import Session
 
 from . import rawsql
 from .errors import NotFound
-from .models import Group, Membership, Message, User, utcnow
+from .models import Group, Membership, Message, MessageTombstone, User, utcnow
 
-__all__ = ["MessageDraft", "NotFound", "PostOutcome", "PostResult", "add_member", "create_group", "create_message", "delete_message",
+__all__ = ["MessageDraft", "NotFound", "PostOutcome", "PostResult", "add_member", "create_group", "delete_message",
            "get_group", "get_message", "group_ids_of_user", "groups_of_user", "is_member",
-           "list_messages", "member_ids", "member_users", "post_messages", "remove_member"]
+           "list_messages", "member_ids", "member_users", "post_messages", "prune_tombstones", "remove_member"]
 
 
 def _require_users(s: Session, user_ids: Iterable[int]) -> None:
@@ -126,40 +127,6 @@ def _message_by_client_id(s: Session, user_id: int, client_message_id: str) -> M
     ).first()
 
 
-_INSERT_MESSAGE = (
-    "INSERT INTO messages (group_id, user_id, content, created_at, epoch, client_message_id) "
-    "VALUES (:group_id, :user_id, :content, :created_at, :epoch, :client_message_id) "
-    "ON CONFLICT (user_id, client_message_id) DO NOTHING RETURNING id"
-)
-
-
-def create_message(s: Session, user_id: int, group_id: int, content: str, epoch: int,
-                   client_message_id: str | None = None) -> tuple[Message, bool]:
-    """Insert a message; returns (message, created).
-
-    With a `client_message_id` the call is idempotent per user: if that user already sent a
-    message with this id, it is returned with created=False (whatever group/content was given
-    this time). One statement: INSERT ... ON CONFLICT DO NOTHING RETURNING, so a concurrent
-    duplicate neither fails the transaction nor needs a savepoint.
-    """
-    dialect = rawsql.dialect_of(s)
-    now = utcnow()
-    row = rawsql.run(s, _INSERT_MESSAGE, {
-        "group_id": group_id, "user_id": user_id, "content": content,
-        "created_at": rawsql.timestamp_param(now, dialect), "epoch": int(epoch),
-        "client_message_id": client_message_id,
-    }).first()
-    if row is not None:
-        # Not attached to the session: the caller only reads it.
-        return Message(id=row[0], group_id=group_id, user_id=user_id, content=content,
-                       created_at=now, epoch=int(epoch),
-                       client_message_id=client_message_id), True
-    existing = _message_by_client_id(s, user_id, client_message_id)
-    if existing is None:  # cannot happen: only that unique key can conflict
-        raise IntegrityError("INSERT messages", {}, Exception("conflict without a row"))
-    return existing, False
-
-
 @dataclass(frozen=True, slots=True)
 class MessageDraft:
     """A message someone asked to post, not yet checked against the database."""
@@ -177,20 +144,26 @@ class PostOutcome(Enum):
     EXISTING = "existing"        # the client message id was used before: that row
     NO_GROUP = "no_group"        # the group does not exist
     NOT_MEMBER = "not_member"    # the author does not belong to the group
+    DELETED = "deleted"          # the client message id belonged to a message deleted since
 
 
 @dataclass(frozen=True, slots=True)
 class PostResult:
     outcome: PostOutcome
     message: Message | None = None
+    deleted_message_id: int | None = None  # with DELETED
 
 
-# The membership check and the insert in one statement: a non-member inserts nothing.
+# The membership check and the insert in one statement: a non-member inserts nothing, and
+# neither does a client message id already used (a live message: the unique key; a deleted
+# one: its tombstone).
 _INSERT_IF_MEMBER = (
     "INSERT INTO messages (group_id, user_id, content, created_at, epoch, client_message_id) "
     "SELECT m.group_id, m.user_id, CAST(:content AS TEXT), :created_at, :epoch, "
     "CAST(:client_message_id AS TEXT) "
     "FROM memberships m WHERE m.group_id = :group_id AND m.user_id = :user_id "
+    "AND NOT EXISTS (SELECT 1 FROM message_tombstones t WHERE t.user_id = m.user_id "
+    "AND t.client_message_id = CAST(:client_message_id AS TEXT)) "
     "ON CONFLICT (user_id, client_message_id) DO NOTHING RETURNING id"
 )
 
@@ -199,8 +172,8 @@ def post_messages(s: Session, drafts: Sequence[MessageDraft], epoch: int) -> lis
     """Insert many messages in the session's transaction, each only if its author belongs to
     its group; one result per draft, in order.
 
-    Idempotent per (author, client message id) like `create_message`, also between drafts
-    of the same call. On PostgreSQL the inserts go to the server as one pipelined batch (one
+    Idempotent per (author, client message id), also between drafts of the same call, and
+    after the message was deleted (its tombstone answers). On PostgreSQL the inserts go to the server as one pipelined batch (one
     round trip, not one per message); the rare drafts that insert nothing are then told apart
     (no group, not a member, or an earlier message) one by one.
     """
@@ -227,11 +200,7 @@ def post_messages(s: Session, drafts: Sequence[MessageDraft], epoch: int) -> lis
         elif not member:
             results.append(PostResult(PostOutcome.NOT_MEMBER))
         else:
-            existing = (_message_by_client_id(s, draft.user_id, draft.client_message_id)
-                        if draft.client_message_id is not None else None)
-            if existing is None:  # only that unique key can stop a member's insert
-                raise IntegrityError("INSERT messages", {}, Exception("conflict without a row"))
-            results.append(PostResult(PostOutcome.EXISTING, existing))
+            results.append(_earlier_use(s, draft))
     return results
 
 
@@ -252,16 +221,43 @@ def membership(s: Session, group_id: int, user_id: int) -> tuple[Group | None, b
     return group, row[4] is not None
 
 
+def _earlier_use(s: Session, draft: MessageDraft) -> PostResult:
+    """A member's insert did nothing: its client message id was used before."""
+    if draft.client_message_id is not None:
+        existing = _message_by_client_id(s, draft.user_id, draft.client_message_id)
+        if existing is not None:
+            return PostResult(PostOutcome.EXISTING, existing)
+        tomb = s.get(MessageTombstone, (draft.user_id, draft.client_message_id))
+        if tomb is not None:
+            return PostResult(PostOutcome.DELETED, deleted_message_id=tomb.message_id)
+    raise IntegrityError("INSERT messages", {}, Exception("nothing inserted, no earlier use"))
+
+
 def get_message(s: Session, message_id: int) -> Message | None:
     return s.get(Message, message_id)
 
 
 def delete_message(s: Session, message_id: int) -> bool:
-    """Delete a message row; False if there was none. (Redact its events separately with
-    `events.redact_message_events`.)"""
+    """Delete a message row; False if there was none. Its client message id, if any, is kept
+    as a tombstone. (Redact its events separately with `events.redact_message_events`.)"""
     # Default synchronize_session: a loaded copy in this session is marked deleted too.
-    result = s.execute(delete(Message).where(Message.id == message_id))
-    return result.rowcount == 1
+    row = s.execute(delete(Message).where(Message.id == message_id)
+                    .returning(Message.user_id, Message.client_message_id)).first()
+    if row is None:
+        return False
+    if row.client_message_id is not None:
+        s.add(MessageTombstone(user_id=row.user_id, client_message_id=row.client_message_id,
+                               message_id=message_id, deleted_at=utcnow()))
+        s.flush()
+    return True
+
+
+def prune_tombstones(s: Session, older_than_seconds: float) -> int:
+    """Forget the idempotency keys of messages deleted more than `older_than_seconds` ago."""
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    result = s.execute(delete(MessageTombstone).where(MessageTombstone.deleted_at < cutoff)
+                       .execution_options(synchronize_session=False))
+    return int(result.rowcount)
 
 
 def list_messages(s: Session, group_id: int, before: int | None = None,

@@ -145,6 +145,20 @@ class Message(Base):
         return f"Message(id={self.id!r}, group_id={self.group_id!r}, user_id={self.user_id!r})"
 
 
+class MessageTombstone(Base):
+    """The idempotency key of a deleted message, kept so a late retry cannot store it again."""
+
+    __tablename__ = "message_tombstones"
+    __table_args__ = (Index("ix_message_tombstones_deleted_at", "deleted_at"),)
+
+    user_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    client_message_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    message_id: Mapped[int] = mapped_column(BigInteger)
+    deleted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Event(Base):
     """One entry of the event stream; `position` is allocated by the application (EventHub)."""
 

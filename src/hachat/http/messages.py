@@ -43,13 +43,20 @@ class Request:
 
 @dataclass(slots=True)
 class Response:
-    """A complete response. `body` is sent as is with Content-Length."""
+    """A complete response. `body` is sent as is with Content-Length.
+
+    Do not change a Response once it has been handed to the server: one object may be sent on
+    many connections (a long-poll fan-out), and the server keeps its rendered bytes with it.
+    """
 
     status: int
     body: bytes = b""
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
     close: bool = False  # ask the server to close the connection after sending
+    # The server's memo of the bytes on the wire, see `wire.render_shared` (loop thread only).
+    _wire: tuple[bytes, dict[bytes, bytes]] | None = field(
+        default=None, init=False, repr=False, compare=False)
 
 
 def json_response(status: int, obj: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:

@@ -14,7 +14,8 @@ watch and reads every answer.
 Measured per round and server: the CPU time of the server's loop thread (user + kernel, from
 its thread CPU clock) between just before the event is completed and the moment the client
 has read the last answer, divided by the number of waiters: the fan-out's cost per waiter,
-including the kernel's loopback send. The rounds alternate between the servers, so that a
+including the kernel's loopback send. Also: the CPU time of the cyclic garbage collector
+(any thread) over the whole round, parking included, per waiter. The rounds alternate between the servers, so that a
 change in the machine's load hits them alike; the paired ratio per round is the figure to
 trust on a shared machine. The server is pinned to CPU 0 and this client to CPU 1 (when both
 exist), as in `bench.realtime_bench`.
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,9 @@ GROUP = 1  # the group posted to
 # ============================================================================================
 
 
-def serve(profile_dir: str | None) -> None:
+def serve(profile_dir: str | None, gc_spec: str | None) -> None:
     """Start the server, print its port, then obey one command per line on stdin."""
+    import gc
     import threading
 
     from hachat.api.event_routes import render_events
@@ -86,8 +89,14 @@ def serve(profile_dir: str | None) -> None:
     got = threading.Event()
     server.loop.call_soon_threadsafe(lambda: (ident.append(threading.get_ident()), got.set()))
     got.wait(10)
+    for part in (gc_spec or "").split(","):  # the garbage collector's settings to try
+        if part == "freeze":
+            gc.freeze()
+        elif part.startswith("threshold="):
+            gc.set_threshold(*map(int, part.split("=", 1)[1].split("/")))
     clock = time.pthread_getcpuclockid(ident[0])
     profiler = None
+    gc_cost = GcCost()
     print(json.dumps({"port": server.address[1],
                       "hachat": sys.modules["hachat.http.server"].__file__}), flush=True)
     for line in sys.stdin:
@@ -97,7 +106,12 @@ def serve(profile_dir: str | None) -> None:
         if cmd[0] == "waiters":
             reply: object = hub.stats()["waiters"]
         elif cmd[0] == "cpu":
-            reply = time.clock_gettime_ns(clock)
+            # The thread CPU clock is exact; the user/kernel split (getrusage, which must run
+            # on the thread itself) is the kernel's estimate, good over several rounds.
+            box: list = []
+            on_loop(server, partial(thread_rusage, box))
+            reply = (time.clock_gettime_ns(clock), box[0].ru_utime, box[0].ru_stime,
+                     gc_cost.full, gc_cost.ns)
         elif cmd[0] == "publish":
             ticket = hub.reserve()
             payload = {"id": ticket.position, "groupId": GROUP, "userId": 1,
@@ -125,6 +139,32 @@ def serve(profile_dir: str | None) -> None:
     server.shutdown(grace=1.0)
 
 
+class GcCost:
+    """The cyclic garbage collector's passes in this process: how many were full (gen2), and
+    the CPU time all of them took (on whichever thread ran them)."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.full = 0
+        self.ns = 0
+        self._start = 0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.thread_time_ns()
+        else:
+            self.ns += time.thread_time_ns() - self._start
+            self.full += info["generation"] == 2
+
+
+def thread_rusage(box: list) -> None:
+    import resource
+
+    box.append(resource.getrusage(resource.RUSAGE_THREAD))
+
+
 def on_loop(server: Any, fn: Callable[[], object]) -> None:
     """Run `fn()` on the server's loop thread and wait for it (cProfile works per thread)."""
     import threading
@@ -147,7 +187,10 @@ class Server:
         self.name = name
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(Path(src).resolve()), str(Path(__file__).resolve().parent.parent)]))
+        src, _, gc_spec = src.partition("@")
         argv = [sys.executable, "-m", "bench.fanout_cost", "--serve"]
+        if gc_spec:
+            argv += ["--gc", gc_spec]
         if profile_dir:
             argv += ["--profile", profile_dir]
 
@@ -189,7 +232,9 @@ class Server:
             time.sleep(0.02)
 
     def round(self, label: str) -> dict[str, float]:
-        """Publish one event and read every answer; the loop thread's CPU per waiter."""
+        """Park every waiter, publish one event and read every answer: the loop thread's CPU
+        per waiter for the fan-out; the garbage collector's for the whole cycle."""
+        gc0 = self.command("cpu")
         self.park()
         time.sleep(0.2)
         n = len(self.socks)
@@ -218,7 +263,10 @@ class Server:
                 last = now
         cpu1 = self.command("cpu")
         self.cursor = position
-        return {"us_per_waiter": (cpu1 - cpu0) / 1000 / n, "wall_ms": (last - t0) * 1000}
+        return {"us_per_waiter": (cpu1[0] - cpu0[0]) / 1000 / n,
+                "user_us": (cpu1[1] - cpu0[1]) * 1e6 / n, "sys_us": (cpu1[2] - cpu0[2]) * 1e6 / n,
+                "wall_ms": (last - t0) * 1000,
+                "gc_us": (cpu1[4] - gc0[4]) / 1000 / n, "gc_full": cpu1[3] - gc0[3]}
 
     def close(self) -> None:
         for s in self.socks:
@@ -232,17 +280,20 @@ class Server:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fanout_cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", action="append", metavar="NAME=DIR",
-                   help="a source tree to measure (repeatable; default: this tree's src)")
+    p.add_argument("--src", action="append", metavar="NAME=DIR[@GC]",
+                   help="a source tree to measure (repeatable; default: this tree's src); "
+                        "@GC sets its server's garbage collector first: 'freeze' and/or "
+                        "'threshold=A/B/C', comma-separated")
     p.add_argument("--waiters", type=int, default=5000)
     p.add_argument("--rounds", type=int, default=7, help="measured rounds per tree")
     p.add_argument("--profile", metavar="DIR", help="cProfile the loop thread of each tree "
                    "during one extra round (the files go to DIR)")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--gc", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.serve:
-        serve(a.profile)
+        serve(a.profile, a.gc)
         return 0
     raise_nofile_limit()
     trees = [s.split("=", 1) for s in (a.src or [f"this={Path('src').resolve()}"])]
@@ -279,7 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         rs = results[s.name]
         us = statistics.median(x["us_per_waiter"] for x in rs)
         wall = statistics.median(x["wall_ms"] for x in rs)
-        line = f"  {s.name:>10}: {us:6.2f} us/waiter CPU, last answer {wall:6.1f} ms"
+        user = sum(x["user_us"] for x in rs) / len(rs)
+        kernel = sum(x["sys_us"] for x in rs) / len(rs)
+        gc_us = sum(x["gc_us"] for x in rs) / len(rs)
+        full = sum(x["gc_full"] for x in rs)
+        line = (f"  {s.name:>10}: {us:6.2f} us/waiter CPU (mean split: user {user:.1f}, "
+                f"kernel {kernel:.1f}), last answer {wall:6.1f} ms; garbage collector "
+                f"{gc_us:.2f} us/waiter per park-and-answer cycle ({full} full passes)")
         if s.name != first:
             ratios = [x["us_per_waiter"] / y["us_per_waiter"]
                       for x, y in zip(rs, results[first], strict=True)]

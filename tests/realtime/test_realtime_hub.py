@@ -465,3 +465,35 @@ def test_a_connection_that_fails_while_answered_does_not_strand_the_rest():
     assert [len(b) for b in boxes] == [0 if u == 3 else 1 for u in range(200)]
     assert hub.stats()["undelivered"] == 0
     assert zero_stats(hub)
+
+
+def test_finished_long_polls_leave_no_cyclic_garbage():
+    """A waiter and its Deferred point at each other until the wait ends; after that they are
+    freed by reference counting, not left for the cyclic garbage collector (whose full passes
+    scan every parked request of a busy server)."""
+    import gc
+
+    lp = FakeLoop()
+    hub = EventHub(lp)
+    hub.reset(0)
+    render = CountingRender()
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(300):
+            sent: list = []
+            d = hub.wait(i, {1, 2}, hub.visible_position(), hub.visible_position(), 30, render)
+            assert d._attach(lp, sent.append) is None
+            if i % 3 == 0:
+                d._cancel()  # the client went away
+            elif i % 3 == 1:
+                assert body(d._expire())["events"] == []  # timed out
+            else:
+                publish(hub, group=1)  # answered by the fan-out
+                lp.run_pending()
+                assert len(sent) == 1
+            del d, sent
+        assert zero_stats(hub)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

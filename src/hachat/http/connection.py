@@ -615,25 +615,14 @@ class Connection:
     def _deferred_timeout(self, deferred: Deferred) -> None:
         if self._parked is not deferred:
             return
-        called = False
-        on_timeout = deferred.on_timeout
-
-        def checked() -> Response:
-            nonlocal called
-            called = True
-            return on_timeout()
-
-        deferred.on_timeout = checked
         try:
-            response = deferred._expire()
+            timed_out, response = deferred._time_out()
         except Exception:
             log.exception("error in a Deferred's on_timeout")
-            response = internal_error()
-        finally:
-            deferred.on_timeout = on_timeout
+            timed_out, response = True, internal_error()
+        if not timed_out:
+            return  # resolved from another thread just now: its sender is on the way
         if response is None:
-            if not called:
-                return  # resolved from another thread just now: its sender is on the way
             log.error("a Deferred's on_timeout returned None")
             response = internal_error()
         self._unpark()

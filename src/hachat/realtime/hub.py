@@ -568,14 +568,14 @@ class _Delivery:
             stop = min(i + self.STEP, n)
             for k in range(i, stop):
                 w = waiters[k]
-                if regrouped and w.user_id in regrouped:
-                    w.hub._answer_empty([w])
-                    continue
-                render = w.render
-                if render is not last_render or response is None:
-                    response = self.response(render)
-                    last_render = render
                 try:
+                    if regrouped and w.user_id in regrouped:
+                        w.hub._answer_empty([w])
+                        continue
+                    render = w.render
+                    if render is not last_render or response is None:
+                        response = self.response(render)
+                        last_render = render
                     w.deferred.resolve(response)
                 except Exception:  # one broken connection must not strand the others
                     log.exception("answering a long-poll failed")

@@ -6,7 +6,8 @@
 Each source tree gets its own server process (`PYTHONPATH=<src>`): hachat's own `HTTPServer`
 with an `EventHub` and a single inline route that parks `GET /wait?since=C` with
 `hub.wait(...)` and `render_events`, exactly what `GET /events` does once its database query
-found nothing (no database here: the cost measured is the hub's and the HTTP layer's). This
+found nothing (no database here: the cost measured is the hub's and the HTTP layer's), with
+the garbage collector set up as `hachat serve` sets it (where the tree does that). This
 process is the client: it parks `--waiters` keep-alive connections on every server, then, round
 by round and in alternating order, tells one server to publish one event to the group they all
 watch and reads every answer.
@@ -89,6 +90,13 @@ def serve(profile_dir: str | None, gc_spec: str | None) -> None:
     got = threading.Event()
     server.loop.call_soon_threadsafe(lambda: (ident.append(threading.get_ident()), got.set()))
     got.wait(10)
+    if gc_spec is None:  # what `hachat serve` does after start-up, in trees that have it
+        try:
+            from hachat.cli import tune_garbage_collector
+        except ImportError:
+            pass
+        else:
+            tune_garbage_collector()
     for part in (gc_spec or "").split(","):  # the garbage collector's settings to try
         if part == "freeze":
             gc.freeze()
@@ -281,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fanout_cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", action="append", metavar="NAME=DIR[@GC]",
-                   help="a source tree to measure (repeatable; default: this tree's src); "
-                        "@GC sets its server's garbage collector first: 'freeze' and/or "
+                   help="a source tree to measure (repeatable; default: this tree's src). "
+                        "Its server sets the garbage collector up as `hachat serve` does, "
+                        "or else as @GC says: 'default' (leave it), 'freeze' and/or "
                         "'threshold=A/B/C', comma-separated")
     p.add_argument("--waiters", type=int, default=5000)
     p.add_argument("--rounds", type=int, default=7, help="measured rounds per tree")

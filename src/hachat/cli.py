@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -45,6 +46,29 @@ def raise_open_file_limit(wanted: int) -> None:
         log.warning("open files are limited to %d: fewer than MAX_CONNECTIONS", target)
 
 
+# Net allocations of tracked objects between two passes over the youngest generation (the
+# interpreter's default is 700). See `tune_garbage_collector`.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_garbage_collector() -> None:
+    """Set the cyclic garbage collector up for a server that holds many objects for long.
+
+    Called once start-up is done. What start-up made (modules, the app, the ORM's metadata:
+    ~70,000 objects) is frozen: a full pass no longer scans it each time. The youngest
+    generation is collected every GC_YOUNG_THRESHOLD net allocations instead of 700: each
+    parked long-poll keeps ~9 tracked objects alive for seconds, so with the default a burst
+    of 5,000 of them promoted ~45,000 objects and set off a full pass over every parked
+    request, about once per burst: on the fan-out bench 5-13 us of collector CPU per waiter,
+    and pauses of 100-450 ms with the GIL held on a busy 2-CPU machine. Finished long-polls
+    leave no cycles (see `Deferred`), so collecting less often lets little garbage wait.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 def serve() -> int:
     from hachat.app import HachatNode
 
@@ -53,6 +77,7 @@ def serve() -> int:
     raise_open_file_limit(settings.http.max_connections + 256)
     node = HachatNode(settings)
     host, port = node.start()
+    tune_garbage_collector()
     log.info("hachat node %s listening on http://%s:%d (database %s, peer %s)",
              settings.cluster.node_id, host, port, mask_url(settings.database_url),
              settings.cluster.peer_url or "none")

@@ -392,3 +392,108 @@ def test_head_position_never_rests_on_an_abandoned_position():
     hub.complete(abandoned, None)
     assert hub.visible_position() == 12
     assert hub.head_position() == 11
+
+
+# -- sliced delivery -----------------------------------------------------------------------
+def park_fake(lp: FakeLoop, hub: EventHub, user: int, groups: set[int], upto: int,
+              render: CountingRender) -> list:
+    """A waiter attached to the fake loop; returns the list its answers land in."""
+    sent: list = []
+    d = hub.wait(user, groups, upto, upto, 30, render)
+    assert d is not None and d._attach(lp, sent.append) is None
+    return sent
+
+
+def test_a_big_fanout_is_answered_in_slices_with_the_loop_running_between():
+    lp = FakeLoop()
+    hub = EventHub(lp, slice_seconds=0.0)  # every slice ends after its first step
+    hub.reset(0)
+    render = CountingRender()
+    n = 300
+    boxes = [park_fake(lp, hub, u, {1, 2}, 0, render) for u in range(n)]
+    e1 = publish(hub, group=1)
+    assert len(lp.queue) == 1
+    lp.queue.popleft()[0]()  # the fan-out: matches everyone, answers the first slice
+    answered = sum(1 for b in boxes if b)
+    assert 0 < answered < n
+    assert hub.stats()["waiters"] == 0  # matched waiters leave the index at once
+    assert hub.stats()["undelivered"] == n - answered
+    assert [fn for fn, _ in lp.queue] == [hub._drain]  # the next slice
+    ran = []
+    lp.call_soon_threadsafe(ran.append, "other work")  # e.g. the poster's own answer
+    lp.queue.popleft()[0]()
+    assert answered < sum(1 for b in boxes if b) < n
+    # the slice after that is queued behind the other work, which runs first
+    assert [fn for fn, _ in lp.queue] == [ran.append, hub._drain]
+    fn, args = lp.queue.popleft()
+    fn(*args)
+    assert ran == ["other work"] and hub.stats()["undelivered"] > 0
+    # An event that becomes visible while the first is still being answered: the waiters
+    # still queued get exactly the first (they are not in the index any more), and those
+    # already answered, parked again from its cursor, get the second.
+    again = [park_fake(lp, hub, u, {1, 2}, e1.position, render)
+             for u, b in enumerate(boxes) if b]
+    e2 = publish(hub, group=2)
+    lp.run_pending()
+    assert hub.stats()["undelivered"] == 0
+    for b in boxes:
+        assert [body(r) for r in b] == [{"events": [e1.to_json_obj()], "cursor": e1.position}]
+    for b in again:
+        assert [body(r) for r in b] == [{"events": [e2.to_json_obj()], "cursor": e2.position}]
+    assert render.calls == 2  # one body per event, shared by every waiter
+    assert zero_stats(hub)
+
+
+def test_a_connection_that_fails_while_answered_does_not_strand_the_rest():
+    lp = FakeLoop()
+    hub = EventHub(lp, slice_seconds=0.0)
+    hub.reset(0)
+    render = CountingRender()
+    boxes = []
+    for u in range(200):
+        sent: list = []
+        d = hub.wait(u, {1}, 0, 0, 30, render)
+        if u == 3:
+            def broken(response, sent=sent):
+                raise OSError("the connection broke while being answered")
+            d._attach(lp, broken)
+        else:
+            d._attach(lp, sent.append)
+        boxes.append(sent)
+    publish(hub)
+    lp.run_pending()
+    assert [len(b) for b in boxes] == [0 if u == 3 else 1 for u in range(200)]
+    assert hub.stats()["undelivered"] == 0
+    assert zero_stats(hub)
+
+
+def test_finished_long_polls_leave_no_cyclic_garbage():
+    """A waiter and its Deferred point at each other until the wait ends; after that they are
+    freed by reference counting, not left for the cyclic garbage collector (whose full passes
+    scan every parked request of a busy server)."""
+    import gc
+
+    lp = FakeLoop()
+    hub = EventHub(lp)
+    hub.reset(0)
+    render = CountingRender()
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(300):
+            sent: list = []
+            d = hub.wait(i, {1, 2}, hub.visible_position(), hub.visible_position(), 30, render)
+            assert d._attach(lp, sent.append) is None
+            if i % 3 == 0:
+                d._cancel()  # the client went away
+            elif i % 3 == 1:
+                assert body(d._expire())["events"] == []  # timed out
+            else:
+                publish(hub, group=1)  # answered by the fan-out
+                lp.run_pending()
+                assert len(sent) == 1
+            del d, sent
+        assert zero_stats(hub)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

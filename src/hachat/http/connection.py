@@ -30,6 +30,7 @@ from hachat.http.wire import (
     CONTINUE,
     internal_error,
     render,
+    render_shared,
 )
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ class Connection:
         "_in_headers", "_msg_active", "_want_continue", "_reject", "_method", "_version",
         "_keep_alive", "_target", "_path", "_query",
         # requests and responses
-        "_pending", "_error", "_paused", "_current", "_parked", "_park_timer",
+        "_pending", "_error", "_paused", "_current", "_parked",
         "_peer_gone", "_linger", "_discarded", "_out",
         # timer heap entry
         "deadline", "_heap_when",
@@ -144,7 +145,6 @@ class Connection:
         self._paused = self._peer_gone = self._linger = False
         self._current: Request | None = None
         self._parked: Deferred | None = None
-        self._park_timer: Any = None
         self._discarded = 0
         self._out: bytearray | None = None
         self.deadline: float | None = None
@@ -491,9 +491,11 @@ class Connection:
         log.error("handler returned %r, not a Response or Deferred", type(result).__name__)
         return internal_error()
 
-    def _respond(self, resp: Response) -> bool:
+    def _respond(self, resp: Response, shared: bool = False) -> bool:
         """Send the answer to `_current`. True if it went out whole and the connection goes on
-        (the caller then pumps); False if it is pending, or the connection is closing."""
+        (the caller then pumps); False if it is pending, or the connection is closing.
+        `shared`: `resp` may go to many connections (a Deferred's answer), so its bytes are
+        rendered once and remembered on it (`wire.render_shared`)."""
         req = self._current
         self._current = None
         server = self._server
@@ -506,7 +508,10 @@ class Connection:
             conn_line = b""
         head_only = req.method == "HEAD"
         try:
-            data = render(resp, head_only, conn_line, server._date)
+            if shared and not head_only:
+                data = render_shared(resp, conn_line, server._date)
+            else:
+                data = render(resp, head_only, conn_line, server._date)
         except Exception:
             log.exception("cannot render the response to %s %s", req.method, req.target)
             data = render(internal_error(), head_only, conn_line, server._date)
@@ -585,17 +590,15 @@ class Connection:
             self._unpark()
             self._set(HANDLING)
             return early
-        self._park_timer = self._loop.call_later(
-            deferred.timeout, self._deferred_timeout, deferred)
+        # The connection's own moving deadline times the wait (see `_timer_fire`), not a timer
+        # of its own: parking and answering thousands of long-polls then allocates no timer
+        # and leaves no cancelled entries in the loop's heap.
+        self._set_deadline(monotonic() + deferred.timeout)
         return None
 
     def _unpark(self) -> None:
         self._parked = None
         self._server._parked -= 1
-        timer = self._park_timer
-        if timer is not None:
-            self._park_timer = None
-            timer.cancel()
 
     def _deferred_answer(self, deferred: Deferred, response: Response) -> None:
         """The Deferred's sender: always called on the loop thread."""
@@ -606,32 +609,20 @@ class Connection:
         if not isinstance(response, Response):
             log.error("a Deferred was resolved with %r", type(response).__name__)
             response = internal_error()
-        if self._respond(response):
+        if self._respond(response, shared=True):
             self._pump()
 
     def _deferred_timeout(self, deferred: Deferred) -> None:
         if self._parked is not deferred:
             return
-        self._park_timer = None
-        called = False
-        on_timeout = deferred.on_timeout
-
-        def checked() -> Response:
-            nonlocal called
-            called = True
-            return on_timeout()
-
-        deferred.on_timeout = checked
         try:
-            response = deferred._expire()
+            timed_out, response = deferred._time_out()
         except Exception:
             log.exception("error in a Deferred's on_timeout")
-            response = internal_error()
-        finally:
-            deferred.on_timeout = on_timeout
+            timed_out, response = True, internal_error()
+        if not timed_out:
+            return  # resolved from another thread just now: its sender is on the way
         if response is None:
-            if not called:
-                return  # resolved from another thread just now: its sender is on the way
             log.error("a Deferred's on_timeout returned None")
             response = internal_error()
         self._unpark()
@@ -674,7 +665,9 @@ class Connection:
             self._msg_active = False
             self._send_final(HTTPError(408, "request_timeout",
                                        "request not received in time").to_response())
-        # HANDLING, PARKED: exempt
+        elif st is PARKED:
+            self._deferred_timeout(self._parked)  # the Deferred's own timeout
+        # HANDLING: exempt (the handler is running)
         return False
 
     def _timer_dead(self, when: float) -> bool:

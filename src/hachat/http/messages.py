@@ -43,13 +43,20 @@ class Request:
 
 @dataclass(slots=True)
 class Response:
-    """A complete response. `body` is sent as is with Content-Length."""
+    """A complete response. `body` is sent as is with Content-Length.
+
+    Do not change a Response once it has been handed to the server: one object may be sent on
+    many connections (a long-poll fan-out), and the server keeps its rendered bytes with it.
+    """
 
     status: int
     body: bytes = b""
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
     close: bool = False  # ask the server to close the connection after sending
+    # The server's memo of the bytes on the wire, see `wire.render_shared` (loop thread only).
+    _wire: tuple[bytes, dict[bytes, bytes]] | None = field(
+        default=None, init=False, repr=False, compare=False)
 
 
 def json_response(status: int, obj: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:
@@ -98,6 +105,12 @@ class Deferred:
     for commit, a password being hashed) rather than one waiting for something to happen: a
     graceful shutdown lets it finish within the grace period instead of answering 503 at once,
     since its work may already have taken effect.
+
+    Once one of them has happened the deferred drops its callbacks (`on_timeout`, `on_cancel`
+    and the server's sender become None): they usually lead back to the objects that hold the
+    deferred (a hub's waiter, a connection), and without those cycles a finished long-poll is
+    freed by reference counting at once. Left to the cyclic garbage collector, such leftovers
+    pile up into full collections that scan every parked request and hold the GIL meanwhile.
     """
 
     __slots__ = ("timeout", "on_timeout", "on_cancel", "working", "_lock", "_done", "_early",
@@ -106,7 +119,7 @@ class Deferred:
     def __init__(self, timeout: float, on_timeout: Callable[[], Response],
                  on_cancel: Callable[[], None] | None = None, *, working: bool = False) -> None:
         self.timeout = timeout
-        self.on_timeout = on_timeout
+        self.on_timeout: Callable[[], Response] | None = on_timeout
         self.on_cancel = on_cancel
         self.working = working
         self._lock = threading.Lock()
@@ -131,6 +144,7 @@ class Deferred:
                 self._early = response
                 return True
             self._done = True
+            self._release()
         if loop is None or loop.in_loop_thread():
             sender(response)
         else:
@@ -142,26 +156,42 @@ class Deferred:
         """Bind to a connection. Returns a response to send at once if one came early."""
         with self._lock:
             self._loop = loop
-            self._sender = sender
             early = self._early
             if early is not None:
                 self._done = True
+                self._release()
+            else:
+                self._sender = sender
             return early
 
     def _expire(self) -> Response | None:
+        """Time out: what `on_timeout()` returns, or None if answered or cancelled before."""
+        return self._time_out()[1]
+
+    def _time_out(self) -> tuple[bool, Response | None]:
+        """Time out: (True, what `on_timeout()` returns), or (False, None) if the deferred was
+        answered or cancelled before (a resolve from another thread is then on its way)."""
         with self._lock:
             if self._done:
-                return None
+                return False, None
             self._done = True
-        return self.on_timeout()
+            on_timeout = self.on_timeout
+            self._release()
+        return True, on_timeout()
 
     def _cancel(self) -> None:
         with self._lock:
             if self._done:
                 return
             self._done = True
-        if self.on_cancel is not None:
-            self.on_cancel()
+            on_cancel = self.on_cancel
+            self._release()
+        if on_cancel is not None:
+            on_cancel()
+
+    def _release(self) -> None:
+        """Done (under the lock): drop the callbacks, see the class docstring."""
+        self.on_timeout = self.on_cancel = self._sender = None
 
 
 class Handler(Protocol):

@@ -88,6 +88,24 @@ def render(resp: Response, head_only: bool, conn_line: bytes, date: bytes) -> by
     return b"".join((prefix, length, date, conn_line, extra, b"\r\n", body))
 
 
+def render_shared(resp: Response, conn_line: bytes, date: bytes) -> bytes:
+    """`render(resp, False, conn_line, date)`, remembered on `resp` itself.
+
+    For a response that goes out on many connections (a long-poll fan-out answers thousands of
+    waiters with one Response): it is rendered once per distinct Connection line within the
+    same Date second, and every connection sends the very same bytes object. The memo is keyed
+    by the identity of `date` (the server swaps in a new Date line every second), so an answer
+    never carries a stale Date. Loop thread only: the memo is not locked.
+    """
+    memo = resp._wire
+    if memo is None or memo[0] is not date:
+        memo = resp._wire = (date, {})
+    data = memo[1].get(conn_line)
+    if data is None:
+        data = memo[1][conn_line] = render(resp, False, conn_line, date)
+    return data
+
+
 def error_response(status: int, code: str, message: str, *, close: bool = False) -> Response:
     return HTTPError(status, code, message, close=close).to_response()
 

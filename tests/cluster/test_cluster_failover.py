@@ -20,8 +20,8 @@ from sqlalchemy import text
 
 from hachat.cluster import LeaseKeeper, Node, NotActive, PeerMonitor, Role
 from hachat.settings import ClusterSettings
-from hachat.store import Database, StoreUnavailable
-from hachat.store.lease import read_lease, try_acquire
+from hachat.store import Database, Fenced, StoreUnavailable
+from hachat.store.lease import assert_holder, read_lease, try_acquire
 
 TTL = 1.0
 RENEW = 0.2
@@ -453,3 +453,55 @@ def test_no_false_failover_when_the_active_pauses_and_the_passive_sees_it_down(c
         thread.join()
     assert pauses[0] >= 5
     assert len(a.changes) == 1 and len(b.changes) == 1
+
+
+# -- request handlers saturating the database ------------------------------------------------
+# On SQLite a renewal needs the file's single write lock, so writers queue behind one another
+# and each holds the lock only briefly, but there are many of them (like the node's 16 HTTP
+# workers). On PostgreSQL a renewal needs no lock a writer holds, so the writers are slow and
+# outnumber the request pool's connections.
+STARVING_WRITERS = {"sqlite": (16, 0.1), "postgresql": (16, 1.0)}  # (threads, seconds held)
+
+
+def test_active_keeps_renewing_while_request_writers_saturate_the_database(cluster):
+    """Fenced write transactions from many request handlers keep the request pool (and, on
+    SQLite, the write lock) busy for several TTLs: the keeper still renews on time, so the
+    active node never steps down and the passive never takes over."""
+    a, b = pair(cluster)
+    writers, held = STARVING_WRITERS[a.db.dialect]
+    stop = threading.Event()
+    committed = [0]
+    errors: list[BaseException] = []
+
+    def write_slowly() -> None:
+        while not stop.is_set():
+            try:
+                node_id, epoch = a.node.write_claim()
+            except NotActive:
+                time.sleep(0.02)
+                continue
+            try:
+                with a.db.db.write() as s:  # the request handlers' pool, as fenced_write uses it
+                    assert_holder(s, node_id, epoch)
+                    s.execute(text("UPDATE stream_meta SET floor = floor WHERE id = 1"))
+                    time.sleep(held)  # the handler's own work, inside its transaction
+                committed[0] += 1
+            except (Fenced, StoreUnavailable):
+                time.sleep(0.02)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=write_slowly, daemon=True) for _ in range(writers)]
+    for t in threads:
+        t.start()
+    try:
+        stays(a, Role.ACTIVE, 5 * TTL)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(held + 5)
+    assert errors == []
+    assert committed[0] >= writers, committed  # the load was real: the writers got through
+    assert a.reasons() == [("starting", "active", "start")]
+    assert b.reasons() == [("starting", "passive", "start")]

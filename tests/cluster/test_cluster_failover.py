@@ -2,8 +2,9 @@
 
 Each node's /health is served by a tiny real HTTP server, so the peer monitors talk real HTTP;
 the database is a real SQLite file or a real PostgreSQL database (required when CI=true).
-The only test double is `GatedDB`, a wrapper around the database connection that can make
-every call fail (database cut off) or block (process paused) for one node.
+The only test double is `GatedDB`, a wrapper around the database connections (the request pool
+and the keeper's control lane) that can make every call fail (database cut off) or block
+(process paused) for one node.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def cluster(database_url):
 
 
 class GatedDB:
-    """The node's database connection, which the test can cut off or freeze."""
+    """The node's database connections, which the test can cut off or freeze."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -77,6 +78,7 @@ class GatedDB:
         self.fail = False
         self.running = threading.Event()
         self.running.set()
+        self.control = GatedLane(self, db.control)
 
     def _gate(self) -> None:
         self.running.wait()
@@ -90,6 +92,23 @@ class GatedDB:
     def write(self):
         self._gate()
         return self.db.write()
+
+
+class GatedLane:
+    """The keeper's control lane behind the same gate (what the lease functions use)."""
+
+    def __init__(self, gated: GatedDB, lane) -> None:
+        self.gated = gated
+        self.lane = lane
+        self.dialect = lane.dialect
+
+    def run(self, sql, params, *, write):
+        self.gated._gate()
+        return self.lane.run(sql, params, write=write)
+
+    def transaction(self):
+        self.gated._gate()
+        return self.lane.transaction()
 
 
 class HealthServer:
@@ -122,16 +141,21 @@ class HealthServer:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.started = False
         self.closed = False
 
     def start(self) -> None:
+        self.started = True
         threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.running.set()
-            self.server.shutdown()
+            # shutdown() waits for serve_forever() to end: forever if it never began (a
+            # test that failed before starting this member).
+            if self.started:
+                self.server.shutdown()
             self.server.server_close()
 
 
@@ -481,9 +505,10 @@ def test_active_keeps_renewing_while_request_writers_saturate_the_database(clust
                 time.sleep(0.02)
                 continue
             try:
-                with a.db.db.write() as s:  # the request handlers' pool, as fenced_write uses it
+                # The request handlers' pool, as fenced_write uses it: the fencing check holds
+                # what a writer holds (SQLite's write lock; PostgreSQL's gate, shared).
+                with a.db.db.write() as s:
                     assert_holder(s, node_id, epoch)
-                    s.execute(text("UPDATE stream_meta SET floor = floor WHERE id = 1"))
                     time.sleep(held)  # the handler's own work, inside its transaction
                 committed[0] += 1
             except (Fenced, StoreUnavailable):

@@ -2,8 +2,9 @@
 
 Each node's /health is served by a tiny real HTTP server, so the peer monitors talk real HTTP;
 the database is a real SQLite file or a real PostgreSQL database (required when CI=true).
-The only test double is `GatedDB`, a wrapper around the database connection that can make
-every call fail (database cut off) or block (process paused) for one node.
+The only test double is `GatedDB`, a wrapper around the database connections (the request pool
+and the keeper's control lane) that can make every call fail (database cut off) or block
+(process paused) for one node.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from sqlalchemy import text
 
 from hachat.cluster import LeaseKeeper, Node, NotActive, PeerMonitor, Role
 from hachat.settings import ClusterSettings
-from hachat.store import Database, StoreUnavailable
-from hachat.store.lease import read_lease, try_acquire
+from hachat.store import Database, Fenced, StoreUnavailable
+from hachat.store.lease import assert_holder, read_lease, try_acquire
 
 TTL = 1.0
 RENEW = 0.2
@@ -69,7 +70,7 @@ def cluster(database_url):
 
 
 class GatedDB:
-    """The node's database connection, which the test can cut off or freeze."""
+    """The node's database connections, which the test can cut off or freeze."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -77,6 +78,7 @@ class GatedDB:
         self.fail = False
         self.running = threading.Event()
         self.running.set()
+        self.control = GatedLane(self, db.control)
 
     def _gate(self) -> None:
         self.running.wait()
@@ -90,6 +92,23 @@ class GatedDB:
     def write(self):
         self._gate()
         return self.db.write()
+
+
+class GatedLane:
+    """The keeper's control lane behind the same gate (what the lease functions use)."""
+
+    def __init__(self, gated: GatedDB, lane) -> None:
+        self.gated = gated
+        self.lane = lane
+        self.dialect = lane.dialect
+
+    def run(self, sql, params, *, write):
+        self.gated._gate()
+        return self.lane.run(sql, params, write=write)
+
+    def transaction(self):
+        self.gated._gate()
+        return self.lane.transaction()
 
 
 class HealthServer:
@@ -122,16 +141,21 @@ class HealthServer:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.started = False
         self.closed = False
 
     def start(self) -> None:
+        self.started = True
         threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.running.set()
-            self.server.shutdown()
+            # shutdown() waits for serve_forever() to end: forever if it never began (a
+            # test that failed before starting this member).
+            if self.started:
+                self.server.shutdown()
             self.server.server_close()
 
 
@@ -453,3 +477,56 @@ def test_no_false_failover_when_the_active_pauses_and_the_passive_sees_it_down(c
         thread.join()
     assert pauses[0] >= 5
     assert len(a.changes) == 1 and len(b.changes) == 1
+
+
+# -- request handlers saturating the database ------------------------------------------------
+# On SQLite a renewal needs the file's single write lock, so writers queue behind one another
+# and each holds the lock only briefly, but there are many of them (like the node's 16 HTTP
+# workers). On PostgreSQL a renewal needs no lock a writer holds, so the writers are slow and
+# outnumber the request pool's connections.
+STARVING_WRITERS = {"sqlite": (16, 0.1), "postgresql": (16, 1.0)}  # (threads, seconds held)
+
+
+def test_active_keeps_renewing_while_request_writers_saturate_the_database(cluster):
+    """Fenced write transactions from many request handlers keep the request pool (and, on
+    SQLite, the write lock) busy for several TTLs: the keeper still renews on time, so the
+    active node never steps down and the passive never takes over."""
+    a, b = pair(cluster)
+    writers, held = STARVING_WRITERS[a.db.dialect]
+    stop = threading.Event()
+    committed = [0]
+    errors: list[BaseException] = []
+
+    def write_slowly() -> None:
+        while not stop.is_set():
+            try:
+                node_id, epoch = a.node.write_claim()
+            except NotActive:
+                time.sleep(0.02)
+                continue
+            try:
+                # The request handlers' pool, as fenced_write uses it: the fencing check holds
+                # what a writer holds (SQLite's write lock; PostgreSQL's gate, shared).
+                with a.db.db.write() as s:
+                    assert_holder(s, node_id, epoch)
+                    time.sleep(held)  # the handler's own work, inside its transaction
+                committed[0] += 1
+            except (Fenced, StoreUnavailable):
+                time.sleep(0.02)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=write_slowly, daemon=True) for _ in range(writers)]
+    for t in threads:
+        t.start()
+    try:
+        stays(a, Role.ACTIVE, 5 * TTL)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(held + 5)
+    assert errors == []
+    assert committed[0] >= writers, committed  # the load was real: the writers got through
+    assert a.reasons() == [("starting", "active", "start")]
+    assert b.reasons() == [("starting", "passive", "start")]

@@ -5,6 +5,10 @@ expiry judged by the database's clock, a new epoch on every acquisition), so two
 cannot see each other still never both hold it. The local monotonic clock is used for one
 thing only: demoting ourselves *before* the lease can have expired (Patroni's lesson), so a
 node that was paused, or cannot reach the database, stops admitting writes in time.
+
+The lease statements run on the database's control lane (`Database.control`: connections of
+the keeper's own), so a node busy with requests does not make its own renewals late; and one
+long-lived `DeadlineWatch` thread enforces the local deadline even while a renewal hangs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from hachat.cluster.monitor import PeerMonitor
 from hachat.cluster.node import Node
 from hachat.cluster.roles import Role
+from hachat.cluster.watchdog import DeadlineWatch
 from hachat.settings import ClusterSettings
 from hachat.store import lease as store_lease
 from hachat.store.errors import StoreUnavailable
@@ -57,6 +62,7 @@ class LeaseKeeper:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watch = DeadlineWatch(node)
         self._next_renew = 0.0
         self._db_failing = False
         if monitor is not None:
@@ -67,6 +73,7 @@ class LeaseKeeper:
         """Start the thread; wait (up to `wait` s) until the start decision is made."""
         if self._thread is None:
             self._stopping.clear()
+            self._watch.start()
             self._thread = threading.Thread(target=self._run, name="hachat-lease-keeper",
                                             daemon=True)
             self._thread.start()
@@ -82,6 +89,7 @@ class LeaseKeeper:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout if timeout is not None else self.ttl + 5.0)
+        self._watch.stop()
         if release:
             role, epoch = self.node.state()
             if role is Role.ACTIVE and self.node.transition(
@@ -178,23 +186,17 @@ class LeaseKeeper:
             return min(self._next_renew, node.lease_deadline) - now
         t0 = time.monotonic()  # before the call: the renewal happens at or after t0
         self._next_renew = t0 + self.renew_interval
-        # A renewal can hang (a black-holed network waits for the connect timeout): step down
-        # at the deadline even while this thread is still stuck in the call.
-        watchdog = threading.Timer(max(0.0, node.lease_deadline - t0), self._deadline_passed,
-                                   args=(epoch,))
-        watchdog.daemon = True
-        watchdog.start()
+        # A renewal can hang (a black-holed network waits for the connect timeout): the
+        # DeadlineWatch thread steps down at the deadline even while this one is stuck here.
         try:
             renewed = store_lease.renew(self.db, node.node_id, epoch, self.ttl)
         except Exception as exc:
-            watchdog.cancel()
             self._db_error("renew", exc)
             if time.monotonic() >= node.lease_deadline:
                 node.transition(Role.PASSIVE, "lease-expired", only_from=Role.ACTIVE,
                                 only_epoch=epoch)
                 return 0.0
         else:
-            watchdog.cancel()
             self._db_ok()
             if renewed:
                 node.extend_lease(epoch, t0 + self.ttl - self.safety_margin)
@@ -203,12 +205,6 @@ class LeaseKeeper:
                                 only_epoch=epoch)
                 return 0.0
         return max(0.0, min(self._next_renew, node.lease_deadline) - time.monotonic())
-
-    def _deadline_passed(self, epoch: int) -> None:
-        node = self.node
-        if time.monotonic() >= node.lease_deadline:
-            node.transition(Role.PASSIVE, "lease-expired", only_from=Role.ACTIVE,
-                            only_epoch=epoch)
 
     def _passive_tick(self) -> float:
         tick = self.renew_interval

@@ -2,17 +2,21 @@
 
 SQLite gets two engines on the same file: a read engine (deferred `BEGIN`, `query_only`) and a
 write engine with a pool of one connection that emits `BEGIN IMMEDIATE`, so a write transaction
-holds SQLite's single write lock from its first statement and writers queue in our pool instead
-of failing with "database is locked" half-way through. PostgreSQL gets one psycopg 3 engine;
-reads run in `BEGIN READ ONLY` transactions.
+holds SQLite's single write lock from its first statement and writers queue for their turn
+(`WriteTurns`) instead of failing with "database is locked" half-way through. PostgreSQL gets
+one psycopg 3 engine; reads run in `BEGIN READ ONLY` transactions.
+
+Both also get `Database.control`, a few connections of the lease keeper's own
+(`store/control.py`), so request handlers can never make a lease renewal wait for a connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,13 +27,20 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
+from .control import ControlLane
 from .errors import StoreError, StoreUnavailable
+from .turns import WriteTurns
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Any constant will do; it only has to be the same for every hachat process.
 MIGRATION_LOCK_KEY = 0x6861636861740001
+# The lease keeper's connections: one for the keeper thread, one for a concurrent release
+# (POST /fall, shutdown) while a renewal hangs on a dead network, one spare.
+CONTROL_POOL_SIZE = 2
+CONTROL_POOL_OVERFLOW = 1
+CONTROL_APPLICATION_NAME = "hachat-lease"
 
 # SQLite primary result codes meaning "busy / cannot get at the file": BUSY, LOCKED, IOERR,
 # FULL, CANTOPEN, PROTOCOL. (SQLITE_ERROR, e.g. "no such table", is a bug, not an outage.)
@@ -110,6 +121,11 @@ def _sqlite_on_connect(busy_timeout_ms: int, read_only: bool):
     return on_connect
 
 
+def _autocommit_on_connect(dbapi_connection, connection_record) -> None:
+    # Control statements commit one by one; a multi-statement transaction sends BEGIN itself.
+    dbapi_connection.autocommit = True
+
+
 def _sqlite_begin(statement: str):
     def on_begin(conn) -> None:
         conn.exec_driver_sql(statement)
@@ -123,6 +139,8 @@ class Database:
     `lock_timeout` (seconds) bounds every wait for a lock or a pooled connection: SQLite's
     busy_timeout, PostgreSQL's lock_timeout, and the pool checkout timeout. Past it the
     operation fails with `StoreUnavailable`.
+
+    `control` is the lease keeper's lane (`ControlLane`), with its own connections.
     """
 
     def __init__(self, url: str, pool_size: int = 16, *, lock_timeout: float = 5.0,
@@ -167,7 +185,20 @@ class Database:
         )
         event.listen(self._read_engine, "connect", _sqlite_on_connect(busy_ms, read_only=True))
         event.listen(self._read_engine, "begin", _sqlite_begin("BEGIN"))
-        self._engines: tuple[Engine, ...] = (self._write_engine, self._read_engine)
+        # One write transaction at a time in this process; the lease keeper's goes first.
+        self._turns: WriteTurns | None = WriteTurns()
+        # Its own connection, so it never waits for the pooled one; it still needs the file's
+        # write lock, and cross-process waits for it are bounded by busy_timeout.
+        control_engine = create_engine(
+            url, poolclass=QueuePool, pool_size=CONTROL_POOL_SIZE,
+            max_overflow=CONTROL_POOL_OVERFLOW, pool_timeout=self.lock_timeout,
+            connect_args=connect_args,
+        )
+        event.listen(control_engine, "connect", _sqlite_on_connect(busy_ms, read_only=False))
+        self.control = ControlLane(control_engine, translate=self._translate, turns=self._turns,
+                                   wait_timeout=self.lock_timeout)
+        self._engines: tuple[Engine, ...] = (self._write_engine, self._read_engine,
+                                             control_engine)
 
     def _init_postgresql(self, url: URL, connect_timeout: float,
                          statement_timeout: float) -> None:
@@ -201,7 +232,19 @@ class Database:
         self._write_engine = engine
         # psycopg then sends BEGIN READ ONLY itself; reset when the connection is returned.
         self._read_engine = engine.execution_options(postgresql_readonly=True)
-        self._engines = (engine,)
+        # Renewals are plain UPDATEs that need nothing the writers hold: no write turns.
+        self._turns = None
+        control_args = dict(connect_args)
+        if "application_name" not in url.query:
+            control_args["application_name"] = CONTROL_APPLICATION_NAME  # for pg_stat_activity
+        control_engine = create_engine(
+            url, pool_size=CONTROL_POOL_SIZE, max_overflow=CONTROL_POOL_OVERFLOW,
+            pool_timeout=self.lock_timeout, pool_recycle=1800, connect_args=control_args,
+        )
+        event.listen(control_engine, "connect", _autocommit_on_connect)
+        self.control = ControlLane(control_engine, translate=self._translate, turns=None,
+                                   wait_timeout=self.lock_timeout)
+        self._engines = (engine, control_engine)
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -231,11 +274,16 @@ class Database:
     def write(self) -> Iterator[Session]:
         """A Session in one write transaction: committed on clean exit, rolled back on error.
 
-        Do not nest `write()` inside `write()` on SQLite: the write pool has one connection.
+        Do not nest `write()` inside `write()` on SQLite: one write transaction at a time.
         """
-        with (self._translate(), Session(self._write_engine, expire_on_commit=False) as session,
-              session.begin()):
+        with (self._translate(), self._write_turn(),
+              Session(self._write_engine, expire_on_commit=False) as session, session.begin()):
             yield session
+
+    def _write_turn(self) -> AbstractContextManager[None]:
+        if self._turns is None:
+            return contextlib.nullcontext()
+        return self._turns.turn(self.lock_timeout)
 
     # -- maintenance ----------------------------------------------------------------------------
 

@@ -18,13 +18,15 @@ KEY SHARE) would rewrite the hot lease row's lock marker (a MultiXact) on every 
 The lock carries no epoch of its own: the epoch read under it is the fencing token.
 On SQLite every write transaction starts with `BEGIN IMMEDIATE`, so all of this is serialized
 by the database's single write lock.
+
+`read_lease`, `try_acquire`, `renew` and `release` run on `db.control`, the keeper's own
+connections (see `control.py`), never on the request handlers' pool.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from . import rawsql
@@ -65,15 +67,16 @@ class LeaseState:
 
 
 def read_lease(db: Database) -> LeaseState:
+    """The lease row and the database's clock, read on the keeper's own connections."""
     now = db_now_sql(db.dialect)
-    with db.read() as s:
-        row = s.execute(
-            text(f"SELECT holder, holder_url, epoch, expires_at, {now} AS db_now "
-                 "FROM lease WHERE id = :id"),
-            {"id": LEASE_ID},
-        ).one()
-    return LeaseState(row.holder, row.holder_url, int(row.epoch), float(row.expires_at),
-                      float(row.db_now))
+    row = db.control.run(
+        f"SELECT holder, holder_url, epoch, expires_at, {now} AS db_now FROM lease WHERE id = :id",
+        {"id": LEASE_ID}, write=False,
+    ).first()
+    if row is None:
+        raise LookupError("the lease row is missing: run the migrations")
+    holder, holder_url, epoch, expires_at, db_now = row
+    return LeaseState(holder, holder_url, int(epoch), float(expires_at), float(db_now))
 
 
 def try_acquire(db: Database, node_id: str, node_url: str, ttl: float) -> int | None:
@@ -82,45 +85,48 @@ def try_acquire(db: Database, node_id: str, node_url: str, ttl: float) -> int | 
     One write transaction. Acquiring raises the epoch even when `node_id` held it before.
     """
     now = db_now_sql(db.dialect)
-    with db.write() as s:
-        if db.dialect == "postgresql":
+    acquire = (f"UPDATE lease SET epoch = epoch + 1, holder = :node, holder_url = :url, "
+               f"expires_at = {now} + :ttl, acquired_at = {now} "
+               f"WHERE id = :id AND (holder IS NULL OR expires_at <= {now}) "
+               "RETURNING epoch")
+    params = {"node": node_id, "url": node_url, "ttl": float(ttl), "id": LEASE_ID}
+    if db.dialect == "postgresql":
+        with db.control.transaction() as run:
             # Wait for writers in flight (they hold the gate shared); block new ones until
             # this transaction ends.
-            s.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"),
-                      {"ns": GATE[0], "key": GATE[1]})
-            s.execute(text("SELECT id FROM lease WHERE id = :id FOR UPDATE"), {"id": LEASE_ID})
-        row = s.execute(
-            text(f"UPDATE lease SET epoch = epoch + 1, holder = :node, holder_url = :url, "
-                 f"expires_at = {now} + :ttl, acquired_at = {now} "
-                 f"WHERE id = :id AND (holder IS NULL OR expires_at <= {now}) "
-                 "RETURNING epoch"),
-            {"node": node_id, "url": node_url, "ttl": float(ttl), "id": LEASE_ID},
-        ).first()
-    return None if row is None else int(row.epoch)
+            run("SELECT pg_advisory_xact_lock(:ns, :key)", {"ns": GATE[0], "key": GATE[1]})
+            run("SELECT id FROM lease WHERE id = :id FOR UPDATE", {"id": LEASE_ID})
+            row = run(acquire, params).first()
+    else:
+        # One statement is one transaction, under SQLite's write lock.
+        row = db.control.run(acquire, params, write=True).first()
+    return None if row is None else int(row[0])
 
 
 def renew(db: Database, node_id: str, epoch: int, ttl: float) -> bool:
-    """Extend the lease to db-now + ttl if `node_id` still holds it under `epoch`."""
+    """Extend the lease to db-now + ttl if `node_id` still holds it under `epoch`.
+
+    One statement, its own transaction, on the keeper's own connections: the holder and epoch
+    are checked by the UPDATE itself.
+    """
     now = db_now_sql(db.dialect)
-    with db.write() as s:
-        result = s.execute(
-            text(f"UPDATE lease SET expires_at = {now} + :ttl "
-                 "WHERE id = :id AND holder = :node AND epoch = :epoch"),
-            {"ttl": float(ttl), "id": LEASE_ID, "node": node_id, "epoch": int(epoch)},
-        )
-        return result.rowcount == 1
+    outcome = db.control.run(
+        f"UPDATE lease SET expires_at = {now} + :ttl "
+        "WHERE id = :id AND holder = :node AND epoch = :epoch",
+        {"ttl": float(ttl), "id": LEASE_ID, "node": node_id, "epoch": int(epoch)}, write=True,
+    )
+    return outcome.rowcount == 1
 
 
 def release(db: Database, node_id: str, epoch: int) -> bool:
     """Give the lease up (so a peer may acquire it at once). The epoch is kept: the next
     acquire raises it."""
-    with db.write() as s:
-        result = s.execute(
-            text("UPDATE lease SET holder = NULL, holder_url = NULL, expires_at = 0 "
-                 "WHERE id = :id AND holder = :node AND epoch = :epoch"),
-            {"id": LEASE_ID, "node": node_id, "epoch": int(epoch)},
-        )
-        return result.rowcount == 1
+    outcome = db.control.run(
+        "UPDATE lease SET holder = NULL, holder_url = NULL, expires_at = 0 "
+        "WHERE id = :id AND holder = :node AND epoch = :epoch",
+        {"id": LEASE_ID, "node": node_id, "epoch": int(epoch)}, write=True,
+    )
+    return outcome.rowcount == 1
 
 
 def assert_holder(session: Session, node_id: str, epoch: int) -> None:

@@ -49,6 +49,9 @@ def _slow(request: Request) -> Response:
     return Response(200, b'{"slow":true}')
 
 
+BIG = b"x" * (8 * 1024 * 1024)
+
+
 class App:
     """Routes by exact path; counts hits; keeps the Deferreds it parks."""
 
@@ -68,6 +71,8 @@ class App:
             "/park-worker": Route(self._park, blocking=True),
             "/close": Route(lambda r: Response(200, b"{}", close=True)),
             "/teapot": Route(self._teapot),
+            "/work": Route(self._work, blocking=True),
+            "/big": Route(lambda r: Response(200, BIG, "text/plain")),
         }
         self.routes.update(routes or {})
 
@@ -94,6 +99,19 @@ class App:
         holder.append(deferred)
         with self.lock:
             self.parked.append(deferred)
+        return deferred
+
+    def _work(self, request: Request) -> Deferred:
+        """Like a queued write: a `working` Deferred that another thread answers after
+        `?seconds` (0.2 by default), echoing the request body."""
+        deferred = Deferred(30, lambda: Response(504, b'{"timeout":true}'),
+                            lambda: self.cancelled.append(deferred), working=True)
+        with self.lock:
+            self.parked.append(deferred)
+        answer = Response(201, dumps({"stored": request.body.decode("latin-1")}))
+        timer = threading.Timer(float(request.query_string or "0.2"), deferred.resolve, (answer,))
+        timer.daemon = True
+        timer.start()
         return deferred
 
 
@@ -155,6 +173,13 @@ class Client:
             self._fill()
         body, self.buf = self.buf[:length], self.buf[length:]
         return Reply(int(status), reason[0] if reason else "", headers, body)
+
+    def read_final(self) -> Reply:
+        """The next final response, skipping interim (1xx) ones."""
+        while True:
+            reply = self.read_response()
+            if reply.status >= 200:
+                return reply
 
     def request(self, path: str = "/health", extra: str = "") -> Reply:
         self.get(path, extra)

@@ -95,16 +95,6 @@ def test_pipelined_request_behind_a_parked_one_waits_its_turn(server, app, clien
     assert client.read_response().json["query"] == "next"
 
 
-def test_half_close_while_parked_cancels(server, app):
-    c = Client(server.address)
-    c.get("/park")
-    assert parked(server)
-    c.sock.shutdown(socket.SHUT_WR)
-    assert wait_for(lambda: len(app.cancelled) == 1)
-    assert c.wait_closed()
-    c.close()
-
-
 def test_a_thousand_parked_connections_answered_by_one_broadcast(make_server, app):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 2600:

@@ -6,6 +6,15 @@ calls the handler and hands the result back with `call_soon_threadsafe`.
 Requests are parsed ahead (pipelining) into `_pending`, but handled one at a time and answered
 strictly in order. After a request that breaks the rules nothing more is parsed: the requests
 before it are answered, then the error (with `Connection: close`), then the connection closes.
+
+End of input (the client's FIN) means the client will send nothing more, not that it stopped
+reading: a client may half-close (`shutdown(SHUT_WR)`) once its request is out, and curl,
+HAProxy or a script may do so. So every request it sent whole is still answered, the last one
+with `Connection: close`, and then the connection closes (`_on_eof`). Parked requests, a
+`working` one (a message being committed) as much as a long-poll, wait for their answer as
+usual. TCP shows a full close as the same FIN; to tell the two apart while a request is in
+progress the server sends an interim `100 Continue` (`_probe`): a socket that was closed for
+good answers it with a reset, and the connection is closed at once, its parked request cancelled.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ PIPELINE_MAX = 32  # parsed-ahead requests per connection before we stop reading
 PIPELINE_RESUME = 8
 LINGER_SECONDS = 2.0  # after an error response: wait this long for the client's FIN
 LINGER_MAX_BYTES = 1 << 20  # ... discarding at most this much input
+PROBE_CHECK = 0.05  # selectors fallback: first look for a reset this long after a probe
 
 
 class ConnState(Enum):
@@ -111,7 +121,7 @@ class Connection:
         "_keep_alive", "_target", "_path", "_query",
         # requests and responses
         "_pending", "_error", "_paused", "_current", "_parked",
-        "_peer_gone", "_linger", "_discarded", "_out",
+        "_eof", "_linger", "_discarded", "_out",
         # timer heap entry
         "deadline", "_heap_when",
     )
@@ -142,7 +152,7 @@ class Connection:
         self._keep_alive = True
         self._pending: deque[Request] = deque()
         self._error: HTTPError | None = None
-        self._paused = self._peer_gone = self._linger = False
+        self._paused = self._eof = self._linger = False
         self._current: Request | None = None
         self._parked: Deferred | None = None
         self._discarded = 0
@@ -363,13 +373,56 @@ class Connection:
             log.debug("rejecting request from %s: %s %s", self._addr, err.status, err.message)
 
     def _on_eof(self) -> None:
+        """The client sent FIN (see the module docstring): answer what it sent, then close."""
         st = self.state
-        if st is HANDLING or st is WRITING:
-            # Half-close: the client may still read; answer, then close.
-            self._peer_gone = True
-            self._update_mask()
-        else:  # IDLE, READING, PARKED (cancel the deferred), CLOSING
+        if st is IDLE or st is READING or (st is CLOSING and self._out is None):
+            # Nothing to answer (a partial request never will be), or our last answer is out
+            # and we were only waiting for this FIN.
             self._close()
+            return
+        self._eof = True
+        self._update_mask()  # stop reading: the socket now stays readable (EOF) for good
+        if st is HANDLING or st is PARKED:
+            self._probe()
+        # WRITING and CLOSING: the answer going out does the probe's work.
+
+    def _probe(self) -> None:
+        """A request is in progress and the client sent FIN: find out whether it can still
+        read. An HTTP/1.1 client gets an interim `100 Continue`, which it must accept and may
+        ignore (RFC 9110, 15.2); a socket closed for good answers it with a reset, which ends
+        the connection and cancels its parked request (`on_event`). A client that reads the
+        probe and closes later is noticed when its answer goes out, or at its request's
+        timeout: no later than a client that keeps its connection open and never reads.
+
+        HTTP/1.0 allows no interim response, so there is no probe: a waiting long-poll is
+        answered at once with its timeout answer (valid, if empty; the client polls again) and
+        leaves the waiters, rather than hold a slot for a client that may be gone; a `working`
+        request is answered when its work is done (`_park`)."""
+        req = self._current
+        if req is None or req.http_version != "1.1":
+            deferred = self._parked
+            if deferred is not None and not deferred.working:
+                self._deferred_timeout(deferred)
+            return
+        self._write(CONTINUE)
+        if self.state is CLOSED:
+            return
+        if not self._loop.reports_idle_errors:
+            # The selectors fallback drops a descriptor with an empty mask: look for the reset.
+            self._loop.call_later(PROBE_CHECK, self._check_reset, PROBE_CHECK)
+
+    def _check_reset(self, delay: float) -> None:
+        if self.state is CLOSED:
+            return
+        try:
+            failed = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            failed = True
+        if failed:
+            self._close()
+            return
+        delay = min(2 * delay, 1.0)
+        self._loop.call_later(delay, self._check_reset, delay)
 
     def _on_writable(self) -> None:
         out = self._out
@@ -394,7 +447,7 @@ class Connection:
 
     def _update_mask(self) -> None:
         mask = 0
-        if not self._peer_gone and not self._paused:
+        if not self._eof and not self._paused:
             mask = EV_READ
         if self._out is not None:
             mask |= EV_WRITE
@@ -427,7 +480,7 @@ class Connection:
                 err, self._error = self._error, None
                 self._send_final(err.to_response())
                 return
-            if self._peer_gone:
+            if self._eof:
                 self._close()
                 return
             if self._msg_active:
@@ -499,7 +552,9 @@ class Connection:
         req = self._current
         self._current = None
         server = self._server
-        close = resp.close or not req.keep_alive or self._peer_gone or server._closing
+        close = resp.close or not req.keep_alive or server._closing or (
+            # the client sent FIN: this is the last answer unless more requests came before it
+            self._eof and not self._pending and self._error is None)
         if close:
             conn_line = CONN_CLOSE
         elif req.http_version == "1.0":
@@ -562,7 +617,7 @@ class Connection:
         first when it may still be sending (so our answer is not lost to a TCP reset)."""
         if self.state is CLOSED or self._out is not None:
             return
-        if self._peer_gone or not (self._linger or self._msg_active or self._pending):
+        if self._eof or not (self._linger or self._msg_active or self._pending):
             self._close()
             return
         try:
@@ -578,10 +633,6 @@ class Connection:
 
     # -- parking (long-polls) ----------------------------------------------------------------
     def _park(self, deferred: Deferred) -> Response | None:
-        if self._peer_gone:  # the client left while a worker was making this Deferred
-            _cancel_quietly(deferred)
-            self._close()
-            return None
         self._set(PARKED)
         self._parked = deferred
         self._server._parked += 1
@@ -594,6 +645,8 @@ class Connection:
         # of its own: parking and answering thousands of long-polls then allocates no timer
         # and leaves no cancelled entries in the loop's heap.
         self._set_deadline(monotonic() + deferred.timeout)
+        if self._eof and not deferred.working and self._current.http_version != "1.1":
+            return self._expire(deferred)  # FIN from an HTTP/1.0 client: see `_probe`
         return None
 
     def _unpark(self) -> None:
@@ -615,23 +668,29 @@ class Connection:
     def _deferred_timeout(self, deferred: Deferred) -> None:
         if self._parked is not deferred:
             return
+        response = self._expire(deferred)
+        if response is not None and self._respond(response):
+            self._pump()
+
+    def _expire(self, deferred: Deferred) -> Response | None:
+        """Time the parked `deferred` out now and unpark: its timeout answer, to send; or None
+        if it was resolved from another thread just now (its sender is on the way)."""
         try:
             timed_out, response = deferred._time_out()
         except Exception:
             log.exception("error in a Deferred's on_timeout")
             timed_out, response = True, internal_error()
         if not timed_out:
-            return  # resolved from another thread just now: its sender is on the way
+            return None
         if response is None:
             log.error("a Deferred's on_timeout returned None")
             response = internal_error()
-        self._unpark()
-        self._set(HANDLING)
-        if not isinstance(response, Response):
+        elif not isinstance(response, Response):
             log.error("a Deferred's on_timeout returned %r", type(response).__name__)
             response = internal_error()
-        if self._respond(response):
-            self._pump()
+        self._unpark()
+        self._set(HANDLING)
+        return response
 
     # -- timers ------------------------------------------------------------------------------
     def _set_deadline(self, when: float) -> None:

@@ -192,6 +192,9 @@ class EventLoop:
 
     def __init__(self) -> None:
         self._poller = _EpollPoller() if USE_EPOLL else _SelectorPoller()
+        # epoll reports an error or hang-up on a descriptor even when its mask is empty; the
+        # selectors fallback takes such a descriptor out of the selector and sees nothing.
+        self.reports_idle_errors = USE_EPOLL
         self._handlers: dict[int, Callable[[int], None]] = {}
         self._error_handlers: dict[int, Callable[[], None]] = {}
         self._ready: deque[tuple[Callable[..., Any], tuple]] = deque()

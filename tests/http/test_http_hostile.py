@@ -3,6 +3,7 @@ and the server still serving a fresh connection. Plus limits and timeouts."""
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -162,6 +163,87 @@ def test_chunked_body_past_the_limit(make_server, app):
     assert app.hits["/echo"] == 0
     with Client(server.address) as fresh:
         assert fresh.request("/health").status == 200
+
+
+CHUNKED_HEAD = b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("pieces", [
+    [CHUNKED_HEAD + b"FFFFFFF\r\n"],  # one chunk declared far past the limit, no data
+    [CHUNKED_HEAD + b"401\r\nabc"],  # 1025 declared, a little data
+    [CHUNKED_HEAD + b"200\r\n" + b"c" * 512 + b"\r\n201;ext=1\r\n"],  # the sum is past it
+    [CHUNKED_HEAD + b"0000000000000", b"401\r\n"],  # the size line split across reads
+    [CHUNKED_HEAD, b"4", b"0", b"1\r\n"],  # ... in three
+    [CHUNKED_HEAD[:-2], b"\r\n4", b"01\r\nx"],
+], ids=["huge", "data_follows", "sum", "split", "dribbled", "after_head"])
+def test_declared_chunk_sizes_past_the_limit_are_refused_at_once(make_server, app, pieces):
+    """Regression: a chunk-size line declaring more than MAX_BODY_BYTES was not refused until
+    that much data came; a client that sent no more got 408 after HEADER_TIMEOUT. Now the sum
+    of the declared sizes is checked as soon as each size line is read: 413 at once."""
+    server = make_server(app, max_body_bytes=1024, header_timeout=10)
+    with Client(server.address) as c:
+        started = time.monotonic()
+        for piece in pieces:
+            c.send(piece)
+            time.sleep(0.05)
+        assert_error_then_closed(c, 413, "body_too_large")
+        assert time.monotonic() - started < 2
+    assert app.hits["/echo"] == 0
+
+
+def test_chunked_bodies_up_to_the_limit_still_pass(make_server, app):
+    server = make_server(app, max_body_bytes=1024, header_timeout=10)
+    with Client(server.address) as c:
+        c.send(CHUNKED_HEAD + b"200\r\n" + b"a" * 512 + b"\r\n")
+        time.sleep(0.05)
+        c.send(b"0000200;name=\"v\"\r\n")  # leading zeros and an extension: 512 more
+        time.sleep(0.05)
+        c.send(b"b" * 512 + b"\r\n0\r\n")
+        time.sleep(0.05)
+        c.send(b"abc: def\r\n")  # a trailer whose name looks like a chunk size
+        time.sleep(0.05)
+        c.send(b"\r\n")
+        reply = c.read_response()
+        assert reply.status == 200 and reply.json["body"] == "a" * 512 + "b" * 512
+        c.send(CHUNKED_HEAD + b"3\r\nabc\r\n0\r\nabc: def\r\n")  # trailer in the same read
+        time.sleep(0.05)
+        c.send(b"\r\n")
+        assert c.read_response().json["body"] == "abc"
+
+
+def test_chunked_bodies_cut_anywhere_are_read_alike(make_server, app):
+    """The size check reads the raw bytes of each read: wherever the reads are cut, a body
+    within the limit passes and one past it is refused."""
+    server = make_server(app, max_body_bytes=1024, header_timeout=10)
+    good = (CHUNKED_HEAD + b"00f0;a=1\r\n" + b"g" * 240 + b"\r\n300\r\n" + b"h" * 768
+            + b"\r\n0\r\nab: 1\r\nc0ffee: 2\r\n\r\n")
+    bad = CHUNKED_HEAD + b"00f0;a=1\r\n" + b"g" * 240 + b"\r\n0311\r\n" + b"h" * 100
+    rng = random.Random(7)
+    for _ in range(12):
+        for raw, ok in ((good, True), (bad, False)):
+            cuts = sorted(rng.sample(range(len(CHUNKED_HEAD) - 4, len(raw)), 5))
+            with Client(server.address) as c:
+                for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True):
+                    c.send(raw[a:b])
+                    time.sleep(0.003)
+                if ok:
+                    reply = c.read_response()
+                    assert reply.status == 200 and len(reply.json["body"]) == 1008, cuts
+                else:
+                    assert_error_then_closed(c, 413, "body_too_large")
+
+
+def test_an_endless_chunk_size_line_is_refused(make_server, app):
+    server = make_server(app, max_body_bytes=1024, header_timeout=10)
+    with Client(server.address) as c:
+        c.send(CHUNKED_HEAD)
+        for _ in range(3):  # leading zeros: the parser takes any number of them
+            time.sleep(0.05)
+            c.send(b"0" * 3000)
+        time.sleep(0.05)
+        c.send(b"1\r\n")
+        assert_error_then_closed(c, 400, "bad_request")
+    assert app.hits["/echo"] == 0
 
 
 def test_header_timeout_sends_408_and_closes(make_server):

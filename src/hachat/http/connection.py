@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 from collections import deque
 from enum import Enum
@@ -51,6 +52,7 @@ PIPELINE_MAX = 32  # parsed-ahead requests per connection before we stop reading
 PIPELINE_RESUME = 8
 LINGER_SECONDS = 2.0  # after an error response: wait this long for the client's FIN
 LINGER_MAX_BYTES = 1 << 20  # ... discarding at most this much input
+CHUNK_LINE_MAX = 4096  # a chunk-size line (with any extensions) the server reads, at most
 PROBE_CHECK = 0.05  # selectors fallback: first look for a reset this long after a probe
 
 
@@ -97,6 +99,8 @@ class _Reject(Exception):
 
 
 _UNIQUE = frozenset({"host", "content-length"})
+# The start of a chunk-size line: hex digits, then an extension, the line's end or (cut) nothing.
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]+)(?:;|\r|\Z)")
 _NAMES: dict[bytes, str] = {}  # raw header name -> lower-case str (bounded cache)
 _METHODS: dict[bytes, str] = {}
 
@@ -117,6 +121,7 @@ class Connection:
         "_max_header", "_max_body", "_header_timeout", "_keepalive_timeout",
         # the message being parsed
         "_url", "_headers", "_hbytes", "_mraw", "_body", "_blen", "_chunked", "_ndone",
+        "_chunk_open", "_chunk_new", "_chunk_got", "_ctail", "_ctail_len",
         "_in_headers", "_msg_active", "_want_continue", "_reject", "_method", "_version",
         "_keep_alive", "_target", "_path", "_query",
         # requests and responses
@@ -144,6 +149,10 @@ class Connection:
         self._headers: dict[str, str] = {}
         self._hbytes = self._mraw = self._blen = 0
         self._chunked = False
+        # a chunked body's framing, see `_check_chunk_size`
+        self._chunk_open = self._chunk_new = False
+        self._chunk_got = self._ctail_len = 0
+        self._ctail = b""
         self._ndone = 0  # messages completed, ever
         self._body: list[bytes] | None = None
         self._in_headers = self._msg_active = self._want_continue = False
@@ -176,7 +185,9 @@ class Connection:
         self._headers = {}
         self._hbytes = self._blen = 0
         self._mraw = -1
-        self._chunked = False
+        self._chunked = self._chunk_open = self._chunk_new = False
+        self._ctail = b""
+        self._ctail_len = 0
         self._body = None
 
     def on_url(self, piece: bytes) -> None:
@@ -275,8 +286,16 @@ class Connection:
             if expect is not None and expect.lower() == "100-continue":
                 self._want_continue = True
 
+    def on_chunk_header(self) -> None:
+        self._chunk_open = self._chunk_new = True
+        self._chunk_got = 0
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_open = False
+
     def on_body(self, data: bytes) -> None:
         self._want_continue = False
+        self._chunk_got += len(data)
         blen = self._blen + len(data)
         if blen > self._max_body:
             self._fail_parse(413, "body_too_large",
@@ -334,6 +353,7 @@ class Connection:
 
     def _feed(self, data: memoryview, n: int) -> None:
         done_before = self._ndone
+        self._chunk_new = False
         try:
             self._parser.feed_data(data)
         except HttpParserError as exc:  # includes HttpParserUpgrade and callback errors
@@ -354,15 +374,60 @@ class Connection:
                     if self._mraw > self._max_header:
                         self._fail(HTTPError(431, "header_too_large",
                                              "request header block too large", close=True))
-                elif self._chunked and self._mraw > self._max_header + 2 * self._max_body:
-                    self._fail(HTTPError(413, "body_too_large",
-                                         "chunked request body too large", close=True))
+                elif self._chunked:
+                    if self._mraw > self._max_header + 2 * self._max_body:
+                        self._fail(HTTPError(413, "body_too_large",
+                                             "chunked request body too large", close=True))
+                    else:
+                        self._check_chunk_size(self._server._rbuf, n)
             if len(self._pending) >= PIPELINE_MAX and not self._paused:
                 self._paused = True
                 self._update_mask()
         st = self.state
         if st is IDLE or st is READING:
             self._pump()
+
+    def _check_chunk_size(self, buf: bytearray, n: int) -> None:
+        """Refuse a chunked body as soon as its declared sizes pass the limit (413), not once
+        that much data has come (or the client, sending no more, met the header timeout).
+
+        httptools does not hand the chunk size over, so it is read here from the raw bytes
+        `buf[:n]` just parsed. Only the chunk still open at their end needs it (a completed
+        chunk's data went through `on_body`, which counts it), and its size line ends where
+        that chunk's data in this read begins: `_chunk_got` bytes before the end. What began
+        in earlier reads is in `_ctail` (the first bytes after the last line feed seen so far,
+        `_ctail_len` of them in all). A line that does not start with a size is a trailer of
+        the last chunk (size 0). A size line longer than CHUNK_LINE_MAX is refused (400)."""
+        if self._chunk_new and self._chunk_open:
+            end = n - self._chunk_got - 1  # the size line's line feed
+            if end >= 0 and buf[end] == 0x0A:  # else: inside the last chunk's trailers
+                lf = buf.rfind(b"\n", 0, end)
+                if lf >= 0:
+                    head = bytes(buf[lf + 1:min(end, lf + 1 + CHUNK_LINE_MAX)])
+                    length = end - lf - 1
+                else:
+                    head = self._ctail + bytes(buf[:min(end, CHUNK_LINE_MAX)])
+                    length = self._ctail_len + end
+                found = _CHUNK_SIZE.match(head)
+                if found is not None:
+                    if length > CHUNK_LINE_MAX + 1:  # + 1: the carriage return
+                        self._fail(HTTPError(400, "bad_request", "chunk-size line too long",
+                                             close=True))
+                        return
+                    declared = self._blen - self._chunk_got + int(found[1], 16)
+                    if declared > self._max_body:
+                        self._fail(HTTPError(
+                            413, "body_too_large",
+                            f"request body larger than {self._max_body} bytes", close=True))
+                        return
+        lf = buf.rfind(b"\n", 0, n)
+        if lf >= 0:
+            self._ctail = bytes(buf[lf + 1:min(n, lf + 1 + CHUNK_LINE_MAX)])
+            self._ctail_len = n - lf - 1
+        else:
+            if len(self._ctail) < CHUNK_LINE_MAX:
+                self._ctail += bytes(buf[:min(n, CHUNK_LINE_MAX - len(self._ctail))])
+            self._ctail_len += n
 
     def _fail(self, err: HTTPError) -> None:
         """The input broke the rules: answer `err` after the queued requests, then close."""

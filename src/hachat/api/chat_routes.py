@@ -167,9 +167,11 @@ def _visible(ch: str) -> bool:
 def _client_message_id(request: Request, params: Params) -> str | None:
     from_body = params.string("clientMessageId", required=False, max_length=CLIENT_ID_MAX,
                               min_length=1)
+    # UTF-8 text, as in the body (a value that is not UTF-8 is a 400 from the HTTP layer); the
+    # HTTP layer has already taken off the spaces around it, and nothing more is stripped, so
+    # the header and `clientMessageId` name the same key only when they are the same text.
     header = request.headers.get("idempotency-key")
     if header is not None:
-        header = header.strip()
         if not header or len(header) > CLIENT_ID_MAX:
             raise invalid_field("Idempotency-Key",
                                 f"'Idempotency-Key' must have 1 to {CLIENT_ID_MAX} characters")

@@ -33,7 +33,7 @@ from urllib.parse import unquote
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
 
 from hachat.http.loop import EV_ERR, EV_HUP, EV_READ, EV_WRITE
-from hachat.http.messages import Deferred, HTTPError, Request, Response
+from hachat.http.messages import Deferred, Headers, HTTPError, Request, Response
 from hachat.http.wire import (
     CONN_CLOSE,
     CONN_KEEP_ALIVE,
@@ -120,7 +120,7 @@ class Connection:
         "_sock", "fd", "_addr", "_server", "_loop", "_parser", "state", "_mask",
         "_max_header", "_max_body", "_header_timeout", "_keepalive_timeout",
         # the message being parsed
-        "_url", "_headers", "_hbytes", "_mraw", "_body", "_blen", "_chunked", "_ndone",
+        "_url", "_headers", "_not_utf8", "_hbytes", "_mraw", "_body", "_blen", "_chunked", "_ndone",
         "_chunk_open", "_chunk_new", "_chunk_got", "_ctail", "_ctail_len",
         "_in_headers", "_msg_active", "_want_continue", "_reject", "_method", "_version",
         "_keep_alive", "_target", "_path", "_query",
@@ -147,6 +147,7 @@ class Connection:
         self._keepalive_timeout = st.keepalive_timeout
         self._url = b""
         self._headers: dict[str, str] = {}
+        self._not_utf8 = False  # some header value is not UTF-8 (see messages.Headers)
         self._hbytes = self._mraw = self._blen = 0
         self._chunked = False
         # a chunked body's framing, see `_check_chunk_size`
@@ -183,6 +184,7 @@ class Connection:
         self._msg_active = self._in_headers = True
         self._url = b""
         self._headers = {}
+        self._not_utf8 = False
         self._hbytes = self._blen = 0
         self._mraw = -1
         self._chunked = self._chunk_open = self._chunk_new = False
@@ -209,7 +211,12 @@ class Connection:
                 self._fail_parse(400, "bad_request", "empty header name")
             if len(_NAMES) < 2048:
                 _NAMES[name] = key
-        text = value.strip().decode("latin-1")
+        value = value.strip()
+        try:  # text in UTF-8, as the bodies are (ASCII, the usual case, decodes fastest)
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            text = value.decode("utf-8", "surrogateescape")
+            self._not_utf8 = True
         headers = self._headers
         old = headers.get(key)
         if old is None:
@@ -312,8 +319,11 @@ class Connection:
         self._body = None
         self._msg_active = self._want_continue = False
         self._ndone += 1
+        headers = self._headers
+        if self._not_utf8:
+            headers = Headers(headers)
         self._pending.append(Request(
-            self._method, self._target, self._path, self._query, self._headers, body,
+            self._method, self._target, self._path, self._query, headers, body,
             self._version, self._addr, self._keep_alive))
 
     def _fail_parse(self, status: int, code: str, message: str) -> None:

@@ -23,7 +23,11 @@ def dumps(obj: Any) -> bytes:
 @dataclass(slots=True)
 class Request:
     """One parsed request. Header names are lower-case; a repeated header keeps its values
-    joined with ", " in `headers` (the parser-level checks for Host/Content-Length already ran)."""
+    joined with ", " in `headers` (the parser-level checks for Host/Content-Length already ran).
+
+    Header values are text decoded as UTF-8, as JSON bodies are, so the same characters arrive
+    the same whichever way a client sends them. When a value is not UTF-8, `headers` is a
+    `Headers`: reading that value raises a 400 (see there)."""
 
     method: str
     target: str  # raw request target, e.g. "/messages?groupId=1"
@@ -57,6 +61,39 @@ class Response:
     # The server's memo of the bytes on the wire, see `wire.render_shared` (loop thread only).
     _wire: tuple[bytes, dict[bytes, bytes]] | None = field(
         default=None, init=False, repr=False, compare=False)
+
+
+class Headers(dict):
+    """A request's headers when at least one value is not valid UTF-8.
+
+    Such a value is kept with its bytes escaped (`surrogateescape`), and reading it with
+    `get` or `[]` raises HTTPError 400 `invalid_header` naming the header: an application
+    never takes those bytes for text (nor stores or echoes them). A header it does not read
+    may hold anything, and `in` still tells whether one was sent.
+    """
+
+    __slots__ = ()
+
+    def __getitem__(self, name: str) -> str:
+        return _utf8_only(name, dict.__getitem__(self, name))
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = dict.get(self, name, _ABSENT)
+        return default if value is _ABSENT else _utf8_only(name, value)
+
+
+_ABSENT = object()
+
+
+def _utf8_only(name: str, value: str) -> str:
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HTTPError(400, "invalid_header", f"the {name} header is not valid UTF-8",
+                        extra={"header": name}) from None
+    return value
 
 
 def json_response(status: int, obj: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:

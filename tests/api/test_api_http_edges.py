@@ -1,0 +1,116 @@
+"""Where the HTTP layer meets the API, end to end on a real node: half-closed clients and
+header text."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import uuid
+from urllib.parse import urlsplit
+
+from support import ChatUser, call
+
+
+def raw_exchange(base: str, method: str, path: str, body: dict, headers: dict[str, str]
+                 ) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send one request, half-close (`shutdown(SHUT_WR)`), read every response until the
+    server closes: [(status, headers, body)], interim ones included."""
+    parts = urlsplit(base)
+    data = json.dumps(body).encode()
+    head = [f"{method} {path} HTTP/1.1", f"Host: {parts.hostname}",
+            "Content-Type: application/json", f"Content-Length: {len(data)}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        sock.shutdown(socket.SHUT_WR)
+        stream = b""
+        while chunk := sock.recv(65536):
+            stream += chunk
+    replies = []
+    while stream:
+        raw_head, _, rest = stream.partition(b"\r\n\r\n")
+        lines = raw_head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        fields = {k.strip().lower(): v.strip()
+                  for k, v in (line.split(":", 1) for line in lines[1:])}
+        length = int(fields.get("content-length", "0")) if status >= 200 else 0
+        replies.append((status, fields, rest[:length]))
+        stream = rest[length:]
+    return replies
+
+
+def test_a_half_closed_client_gets_its_message_answer(api_node, unique):
+    """Regression: after `shutdown(SHUT_WR)` a POST /messages got no answer, though the
+    message was sometimes stored (the FIN cancelled the request being committed)."""
+    ana = ChatUser(api_node.url, unique("half"))
+    gid = ana("POST", "/groups", {"name": "half"}).json["id"]
+    key = str(uuid.uuid4())
+    replies = raw_exchange(api_node.url, "POST", "/messages",
+                           {"groupId": gid, "content": "sent, then FIN"},
+                           {"Authorization": f"Bearer {ana.token}", "Idempotency-Key": key})
+    finals = [r for r in replies if r[0] >= 200]
+    assert [r[0] for r in finals] == [201], replies
+    assert finals[0][1]["connection"] == "close"
+    message = json.loads(finals[0][2])
+    stored = ana("GET", "/messages", {"groupId": gid}).json["messages"]
+    assert [m["id"] for m in stored] == [message["id"]]
+
+
+def test_a_half_closed_client_gets_its_login_answer(api_node, unique):
+    name = unique("halflog")
+    replies = raw_exchange(api_node.url, "POST", "/login",
+                           {"username": name, "password": "password123"}, {})
+    finals = [r for r in replies if r[0] >= 200]
+    assert [r[0] for r in finals] == [201], replies
+    token = json.loads(finals[0][2])["token"]
+    assert call(api_node.url, "GET", "/chats", token=token).status == 200
+
+
+def post_with_raw_header(base: str, token: str, body: dict, key: bytes,
+                         extra: dict[str, bytes] | None = None) -> tuple[int, dict]:
+    """POST /messages with an Idempotency-Key header of exactly these bytes."""
+    parts = urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request("POST", "/messages", body=json.dumps(body).encode(),
+                     headers={"Authorization": f"Bearer {token}",
+                              "Content-Type": "application/json", "Idempotency-Key": key,
+                              **(extra or {})})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_a_utf8_idempotency_key_is_the_same_key_as_in_the_body(api_node, unique):
+    """Regression: header values were read as Latin-1, so a non-ASCII key in the header
+    (UTF-8 bytes, as curl sends it) differed from the same key as `clientMessageId`."""
+    ana = ChatUser(api_node.url, unique("utf8"))
+    gid = ana("POST", "/groups", {"name": "utf8"}).json["id"]
+    key = f"ключ-é-{uuid.uuid4()}"
+    body = {"groupId": gid, "content": "once", "clientMessageId": key}
+    status, first = post_with_raw_header(api_node.url, ana.token, body, key.encode())
+    assert status == 201, first
+    # the body alone, then the header alone: the same key, the same message
+    again = ana("POST", "/messages", body)
+    assert again.status == 200 and again.json["id"] == first["id"]
+    status, third = post_with_raw_header(api_node.url, ana.token,
+                                         {"groupId": gid, "content": "once"}, key.encode())
+    assert status == 200 and third["id"] == first["id"]
+    assert len(ana("GET", "/messages", {"groupId": gid}).json["messages"]) == 1
+
+
+def test_an_idempotency_key_that_is_not_utf8_is_refused(api_node, unique):
+    ana = ChatUser(api_node.url, unique("latin"))
+    gid = ana("POST", "/groups", {"name": "latin"}).json["id"]
+    status, reply = post_with_raw_header(api_node.url, ana.token,
+                                         {"groupId": gid, "content": "x"}, b"cl\xe9")
+    assert status == 400 and reply["error"] == "invalid_header", reply
+    assert reply["header"] == "idempotency-key"
+    assert ana("GET", "/messages", {"groupId": gid}).json["messages"] == []
+    # a header the route does not read may hold anything
+    status, reply = post_with_raw_header(api_node.url, ana.token,
+                                         {"groupId": gid, "content": "y"}, b"ok",
+                                         {"X-Note": b"caf\xe9"})
+    assert status == 201, reply

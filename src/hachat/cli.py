@@ -32,20 +32,6 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in auth else f"{scheme}://{user}@{host}"
 
 
-def raise_open_file_limit(wanted: int) -> None:
-    """Each connection is a file descriptor: lift the soft limit toward the hard one."""
-    try:
-        import resource
-    except ImportError:  # not on this platform
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    if target < wanted:
-        log.warning("open files are limited to %d: fewer than MAX_CONNECTIONS", target)
-
-
 # Net allocations of tracked objects between two passes over the youngest generation (the
 # interpreter's default is 700). See `tune_garbage_collector`.
 GC_YOUNG_THRESHOLD = 20_000
@@ -74,7 +60,6 @@ def serve() -> int:
 
     settings = load_settings()
     configure_logging(settings.log_level)
-    raise_open_file_limit(settings.http.max_connections + 256)
     node = HachatNode(settings)
     host, port = node.start()
     tune_garbage_collector()

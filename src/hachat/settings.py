@@ -31,7 +31,9 @@ class HTTPSettings:
     keepalive_timeout: float = 75.0
     shutdown_grace: float = 10.0
     backlog: int = 1024
-    max_connections: int = 20_000
+    max_connections: int = 20_000  # fewer if the open-file limit allows fewer (server.py)
+    # file descriptors kept for everything but connections (see `server.fit_open_files`)
+    fd_reserve: int = 64
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True,
         shutdown_grace=_number(env, "SHUTDOWN_GRACE", 10.0, float, 0.0),
         backlog=_number(env, "BACKLOG", 1024, int, 1),
         max_connections=_number(env, "MAX_CONNECTIONS", 20_000, int, 1),
+        # Besides connections the process holds the database pools' connections (up to
+        # 2 x DB_POOL_SIZE, plus a few; on SQLite each is up to three files), logs, the
+        # listener, the poller.
+        fd_reserve=64 + 6 * _number(env, "DB_POOL_SIZE", 16, int, 1),
     )
     peer = (env.get("PEER_URL") or "").strip().rstrip("/") or None
     cluster = ClusterSettings(

@@ -8,6 +8,12 @@
 `app.resolve(request)` runs on the loop. A handler whose `blocking` attribute is true runs on a
 worker thread; any other runs inline on the loop (keep those short: /health). Idle keep-alive
 connections and parked long-polls cost no thread.
+
+Each connection is a file descriptor. `bind` fits the connection limit to the process's
+open-file limit (`fit_open_files`); past the limit, new connections wait in the kernel's
+backlog until one closes. Should accept() still run out of descriptors (EMFILE: the database or
+anything else took more than the reserve), accepting pauses with a growing back-off and
+resumes as soon as a connection closes; the connections already open are served meanwhile.
 """
 
 from __future__ import annotations
@@ -33,6 +39,52 @@ log = logging.getLogger("hachat.http")
 ACCEPT_BATCH = 128  # connections accepted per readiness event at most
 RECV_BUFFER = 64 * 1024
 _ACCEPT_PAUSE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_BACKOFF_MIN = 0.05  # seconds: the first pause after accept() ran out of resources
+ACCEPT_BACKOFF_MAX = 1.0  # ... doubling up to this
+
+
+def fit_open_files(max_connections: int, reserve: int) -> int:
+    """How many connections the open-file limit (RLIMIT_NOFILE) allows, at most
+    `max_connections`; raises the soft limit toward the hard one first if that is needed.
+
+    `reserve` descriptors are left for everything else (listener, poller, database
+    connections, log files); at most half of a very low limit goes to them. Logs one line
+    when it raised the limit or has to cap: INFO when MAX_CONNECTIONS is the default (it means
+    "as many as the machine allows, up to 20,000"), WARNING when a MAX_CONNECTIONS set by the
+    operator cannot be met or little is left for the reserve.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on this platform
+        return max_connections
+    infinity = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + reserve
+    raised_from = None
+    if soft != infinity and soft < wanted:
+        target = wanted if hard == infinity else min(wanted, hard)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                raised_from, soft = soft, target
+            except (ValueError, OSError) as exc:  # e.g. macOS caps it below the hard limit
+                log.debug("cannot raise the open-file limit to %d: %s", target, exc)
+    if soft == infinity:
+        return max_connections
+    squeezed = soft - reserve < soft // 2
+    limit = min(max_connections, soft // 2 if squeezed else soft - reserve)
+    raised = f" (raised from {raised_from})" if raised_from is not None else ""
+    if limit < max_connections:
+        operator_set = max_connections != HTTPSettings.max_connections
+        level = logging.WARNING if operator_set or squeezed else logging.INFO
+        log.log(level, "at most %d connections at once: the open-file limit is %d%s "
+                "(hard limit %s), less %d kept for other files; MAX_CONNECTIONS is %d",
+                limit, soft, raised, "unlimited" if hard == infinity else hard,
+                soft - limit, max_connections)
+    elif raised_from is not None:
+        log.info("open-file limit raised from %d to %d for MAX_CONNECTIONS=%d and %d other "
+                 "files", raised_from, soft, max_connections, reserve)
+    return limit
 
 
 class HTTPServer:
@@ -62,6 +114,10 @@ class HTTPServer:
         self._grace_deadline = 0.0
         self._accepting = True
         self._at_capacity = False
+        self._max_conns = settings.max_connections  # fitted to the open-file limit at bind
+        self._accept_backoff = 0.0  # > 0 while accept() keeps running out of descriptors
+        self._accept_failures = 0
+        self._accept_timer: Any = None
         self._started = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -80,6 +136,8 @@ class HTTPServer:
                 return self.address
             if self._shutdown_requested:
                 raise RuntimeError("the server was shut down")
+            self._max_conns = fit_open_files(self.settings.max_connections,
+                                             self.settings.fd_reserve)
             sock = _listen(self.settings.host, self.settings.port, self.settings.backlog)
             self._listener = sock
             self.address = tuple(sock.getsockname()[:2])
@@ -147,6 +205,7 @@ class HTTPServer:
         """Counts for tests and benchmarks (leak checks)."""
         return {
             "connections": len(self._conns),
+            "max_connections": self._max_conns,
             "parked": self._parked,
             "requests": self._served,
             "in_flight": self._in_flight,
@@ -195,7 +254,7 @@ class HTTPServer:
         conns = self._conns
         loop = self._loop
         header_deadline = loop.time() + self.settings.header_timeout
-        cap = self.settings.max_connections
+        cap = self._max_conns
         for _ in range(ACCEPT_BATCH):
             if len(conns) >= cap:
                 # Full: leave the rest in the kernel's backlog until a connection closes.
@@ -209,10 +268,14 @@ class HTTPServer:
                 return
             except OSError as exc:
                 if exc.errno in _ACCEPT_PAUSE_ERRNOS:
-                    log.warning("accept failed (%s); pausing accepts for 0.5 s", exc)
-                    self._pause_accepting(0.5)
+                    self._accept_failed(exc)
                     return
                 continue  # ECONNABORTED and friends: that client is gone
+            if self._accept_backoff:
+                log.info("accepting connections again (%d accepts had failed)",
+                         self._accept_failures)
+                self._accept_backoff = 0.0
+                self._accept_failures = 0
             try:
                 sock.setblocking(False)
                 if sock.family != socket.AF_UNIX:
@@ -227,28 +290,45 @@ class HTTPServer:
             self._accepted += 1
             conn._set_deadline(header_deadline)
 
-    def _pause_accepting(self, seconds: float) -> None:
+    def _accept_failed(self, exc: OSError) -> None:
+        """accept() ran out of descriptors or memory: the client stays in the backlog. Pause
+        accepting (the listener stays readable: retrying at once would spin), doubling the
+        pause while it lasts; a closing connection frees a descriptor and resumes it early.
+        One warning per episode, one line when it is over."""
+        if self._accept_backoff:
+            self._accept_backoff = min(2 * self._accept_backoff, ACCEPT_BACKOFF_MAX)
+        else:
+            self._accept_backoff = ACCEPT_BACKOFF_MIN
+            log.warning("accept failed (%s) with %d connections open; pausing new "
+                        "connections and retrying with a back-off of up to %g s",
+                        exc, len(self._conns), ACCEPT_BACKOFF_MAX)
+        self._accept_failures += 1
         listener = self._listener
         if listener is None:
             return
         self._accepting = False
         self._loop.modify(listener.fileno(), 0)
+        self._accept_timer = self._loop.call_later(self._accept_backoff, self._resume_accepting)
 
-        def resume() -> None:
-            if self._listener is listener and not self._closing:
-                self._accepting = True
-                self._loop.modify(listener.fileno(), EV_READ)
-
-        self._loop.call_later(seconds, resume)
+    def _resume_accepting(self) -> None:
+        timer, self._accept_timer = self._accept_timer, None
+        if timer is not None:
+            timer.cancel()
+        listener = self._listener
+        if listener is None or self._closing or self._accepting:
+            return
+        if len(self._conns) >= self._max_conns:
+            self._at_capacity = True  # `_forget` resumes when a connection closes
+            return
+        self._at_capacity = False
+        self._accepting = True
+        self._loop.modify(listener.fileno(), EV_READ)
 
     def _forget(self, conn: Connection) -> None:
         self._conns.pop(conn.fd, None)
-        if self._at_capacity and len(self._conns) < self.settings.max_connections:
-            self._at_capacity = False
-            listener = self._listener
-            if listener is not None and not self._closing:
-                self._accepting = True
-                self._loop.modify(listener.fileno(), EV_READ)
+        if (self._at_capacity or self._accept_timer is not None) and (
+                len(self._conns) < self._max_conns):
+            self._resume_accepting()  # a descriptor and a slot are free
 
     def _close_listener(self) -> None:
         with self._lock:

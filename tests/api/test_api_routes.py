@@ -48,6 +48,29 @@ def test_logout_revokes_the_token(api_node, unique):
     assert reply.status == 401 and reply.json["error"] == "unauthorized"
 
 
+def test_logout_holds_while_other_requests_use_the_token(api_node, unique):
+    """Requests in flight with the token while it is revoked must not bring it back."""
+    import threading
+
+    for _round in range(3):
+        user = ChatUser(api_node.url, unique("lr"))
+        stop = threading.Event()
+
+        def hammer(user=user, stop=stop):
+            while not stop.is_set():
+                user("GET", "/chats")
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            busy = [pool.submit(hammer) for _ in range(4)]
+            assert user("POST", "/logout").status == 200
+            stop.set()
+            for f in busy:
+                f.result()
+        for _ in range(3):
+            reply = user("GET", "/chats")
+            assert reply.status == 401 and reply.json["error"] == "unauthorized"
+
+
 def test_group_messages_walk(api_node, unique):
     ana, bea, cid = ChatUser(api_node.url, unique("ana")), ChatUser(api_node.url, unique("bea")), \
         ChatUser(api_node.url, unique("cid"))

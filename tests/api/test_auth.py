@@ -136,3 +136,24 @@ def test_many_logouts_do_not_stop_caching_other_tokens(db):
     again.go.set()
     assert auth.principal(_request(tokens[7]), again).username == "many7"
     assert not again.read_done.is_set()
+
+
+@pytest.mark.parametrize("peer,forwarded,key", [
+    # no proxy header: the peer
+    ("198.51.100.7", None, "198.51.100.7"),
+    # a remote peer is not a proxy we trust: whatever it claims is ignored
+    ("198.51.100.7", "203.0.113.1", "198.51.100.7"),
+    ("198.51.100.7", "127.0.0.1", "198.51.100.7"),
+    # a local proxy (HAProxy) appends the address it saw: the last value is the one to trust
+    ("127.0.0.1", "203.0.113.1", "203.0.113.1"),
+    ("127.0.0.1", "10.9.9.9, 203.0.113.1", "203.0.113.1"),
+    ("127.0.0.1", "10.9.9.9,203.0.113.1", "203.0.113.1"),
+    ("::1", "1.2.3.4, 2001:db8::1", "2001:db8::1"),
+    ("::ffff:127.0.0.1", "1.2.3.4, 203.0.113.1", "203.0.113.1"),
+    # a last value that is no address: the proxy itself is the key
+    ("127.0.0.1", "203.0.113.1, not-an-address", "127.0.0.1"),
+    ("127.0.0.1", "203.0.113.1, ", "127.0.0.1"),
+])
+def test_rate_limit_key(peer, forwarded, key):
+    headers = {"x-forwarded-for": forwarded} if forwarded is not None else {}
+    assert Authenticator.client_key(_request(peer=peer, headers=headers)) == key

@@ -143,13 +143,19 @@ class Authenticator:
 
     @staticmethod
     def client_key(request: Request) -> str:
-        """Who is asking, for rate limits: the proxy's X-Forwarded-For when the direct peer
-        is a local proxy (HAProxy on this machine), else the peer address."""
+        """Who is asking, for rate limits: the socket peer's address, unless the peer is a
+        proxy we trust (loopback: HAProxy on this machine). Then the LAST X-Forwarded-For
+        value: the one that proxy added. Earlier values (and a header of the client's own,
+        which arrives joined before the proxy's) are whatever the client wrote."""
         host = request.client_address[0] if request.client_address else "?"
         forwarded = request.headers.get("x-forwarded-for")
-        if forwarded and _is_loopback(host):
-            return forwarded.split(",")[0].strip() or host
-        return host
+        if forwarded is None or not _is_loopback(host):
+            return host
+        last = forwarded.rsplit(",", 1)[-1].strip()
+        try:
+            return str(ipaddress.ip_address(last))
+        except ValueError:
+            return host  # not what a proxy writes: count it against the proxy itself
 
     # -- admin ----------------------------------------------------------------------
     def is_admin(self, request: Request) -> bool:

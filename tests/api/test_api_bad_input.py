@@ -140,3 +140,65 @@ def test_admin_routes_need_the_admin_token(api_node, pair):
     assert ana("POST", "/fall").status == 403
     assert call(api_node.url, "POST", "/revive", token="wrong").status == 403
     assert call(api_node.url, "GET", "/health").json["status"] == "alive"
+
+
+# Numbers in a query string, a path or a JSON string are ASCII digits only: str.isdigit(),
+# int() and float() also take superscripts (500), other scripts' digits ("١" was 1) and "1_0".
+ODD_NUMBERS = ["²", "١", "١٢", "𝟙", "1_0", "0x10", " 5", "5 ", "+5", "1e3", "½", "٣"]
+
+
+@pytest.mark.parametrize("text", ODD_NUMBERS)
+def test_odd_numbers_in_query_strings_are_422(api_node, pair, text):
+    ana, _, gid = pair
+    from urllib.parse import quote
+
+    q = quote(text)
+    for path, field in [(f"/messages?groupId={q}", "groupId"),
+                        (f"/messages?groupId={gid}&limit={q}", "limit"),
+                        (f"/messages?groupId={gid}&before={q}", "before"),
+                        (f"/group-users?groupId={q}", "groupId"),
+                        (f"/events?since={q}", "since")]:
+        reply = ana("GET", path)
+        assert reply.status == 422, (path, reply.status, reply.raw)
+        assert reply.json["error"] == "invalid_field" and reply.json["field"] == field
+    reply = ana("DELETE", f"/messages?messageId={q}")
+    assert reply.status == 422 and reply.json["field"] == "messageId", reply.raw
+    reply = ana("POST", f"/groups?name=n&memberIds={q}")
+    assert reply.status == 422 and reply.json["field"] == "memberIds", reply.raw
+    for path in (f"/groups/{q}/members", f"/notify/{q}"):
+        reply = ana("POST", path, {"userId": ana.id, "message": "m"})
+        assert reply.status == 422 and reply.json["field"] == "groupId", (path, reply.raw)
+    reply = call(api_node.url, "GET", f"/subscribe/status?since={q}")
+    assert reply.status == 422 and reply.json["field"] == "since", reply.raw
+
+
+@pytest.mark.parametrize("text", ["1_0", "١", "²", "nan", "inf", "-inf", "0x1", " 1", "1e", "."])
+def test_odd_timeouts_are_422(api_node, pair, text):
+    ana, _, _ = pair
+    from urllib.parse import quote
+
+    reply = ana("GET", f"/events?since=0&timeout={quote(text)}")
+    assert reply.status == 422 and reply.json["field"] == "timeout", reply.raw
+    reply = ana("GET", "/events", {"since": 0, "timeout": text})
+    assert reply.status == 422 and reply.json["field"] == "timeout", reply.raw
+    reply = call(api_node.url, "GET", f"/subscribe/status?timeout={quote(text)}")
+    assert reply.status == 422 and reply.json["field"] == "timeout", reply.raw
+
+
+def test_plain_numbers_still_work(api_node, pair):
+    ana, _, gid = pair
+    assert ana("GET", f"/messages?groupId={gid}&limit=007").status == 200
+    assert ana("GET", "/events?since=0&timeout=0.0").status == 200
+    assert ana("GET", "/events?since=0&timeout=0").status == 200
+    assert ana("GET", "/events", {"since": 0, "timeout": 0.001}).status == 200
+    assert ana("GET", "/events", {"since": 0, "timeout": "0.5e-3"}).status == 200
+    assert call(api_node.url, "GET", "/subscribe/status?timeout=.001").status == 200
+
+
+def test_huge_json_numbers_are_422(api_node, pair):
+    ana, _, gid = pair
+    huge = b"1" + b"0" * 400
+    for body, field in [(b'{"since": 0, "timeout": ' + huge + b"}", "timeout"),
+                        (b'{"groupId": ' + huge + b"}", "groupId")]:
+        reply = ana("GET", "/events" if b"since" in body else "/messages", body)
+        assert reply.status == 422 and reply.json["field"] == field, reply.raw

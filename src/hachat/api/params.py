@@ -7,6 +7,7 @@ open a transaction.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -15,6 +16,15 @@ from hachat.http.messages import Request
 
 INT64_MAX = 2**63 - 1
 _MISSING = object()
+
+# Numbers written as text (query string, path, a JSON string) are ASCII only: `str.isdigit`,
+# `int()` and `float()` also take other scripts' digits ("١"), superscripts ("²"), "1_0",
+# surrounding white space, "nan" and "inf".
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,19}")
+_UNSIGNED_TEXT = re.compile(r"[0-9]{1,19}")
+_DECIMAL_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
+_UNSIGNED_DECIMAL_TEXT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
+_TEXT_MAX = 40  # a longer number is no timeout anyone means
 
 
 class Params:
@@ -54,11 +64,13 @@ class Params:
             if required:
                 raise invalid_field(name, f"'{name}' is required")
             return default
+        signed = minimum is None or minimum < 0
         if textual:
-            text = value.strip()
-            if not (text.isdigit() or (text[:1] == "-" and text[1:].isdigit())) or len(text) > 20:
-                raise invalid_field(name, f"'{name}' must be an integer")
-            value = int(text)
+            if not (_INTEGER_TEXT if signed else _UNSIGNED_TEXT).fullmatch(value):
+                sign = "an optional '-' and " if signed else ""
+                raise invalid_field(name, f"'{name}' must be an integer: {sign}the digits 0-9, "
+                                          "nothing else")
+            value = int(value)
         elif isinstance(value, bool) or not isinstance(value, int):
             raise invalid_field(name, f"'{name}' must be an integer")
         low = -(2**63) if minimum is None else minimum
@@ -71,12 +83,19 @@ class Params:
         value, textual = self.raw(name)
         if value is _MISSING or value is None or (textual and value == ""):
             return default
-        try:
-            if isinstance(value, bool):
-                raise ValueError
+        if isinstance(value, str):  # the query string's, or a JSON string
+            pattern = _DECIMAL_TEXT if minimum < 0 else _UNSIGNED_DECIMAL_TEXT
+            if len(value) > _TEXT_MAX or not pattern.fullmatch(value):
+                raise invalid_field(name, f"'{name}' must be a decimal number written with "
+                                          "the digits 0-9 (e.g. 2.5)")
             number = float(value)
-        except (TypeError, ValueError):
-            raise invalid_field(name, f"'{name}' must be a number") from None
+        elif isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
+                                          and abs(value) <= 2**63):
+            number = float(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = float("inf") if value > 0 else float("-inf")  # out of range below
+        else:
+            raise invalid_field(name, f"'{name}' must be a number")
         if not (minimum <= number <= maximum):
             raise invalid_field(name, f"'{name}' must be between {minimum:g} and {maximum:g}")
         return number

@@ -202,3 +202,51 @@ def test_huge_json_numbers_are_422(api_node, pair):
                         (b'{"groupId": ' + huge + b"}", "groupId")]:
         reply = ana("GET", "/events" if b"since" in body else "/messages", body)
         assert reply.status == 422 and reply.json["field"] == field, reply.raw
+
+
+# Text that shows nothing: white space, format characters (Cf), the Hangul fillers, the Braille
+# blank, controls, and combining marks with nothing to sit on.
+BLANK_TEXTS = ["\u200b", "\u3164", "\u2800", "\u0301", "\u115f\u1160", "\uffa0",
+               "\u200b\u0301", " \u3164 \u2800 ", "\u034f", "\ufe0f", "\u2060\u00ad",
+               "\U000e0041\U000e0042", "\u202e\u061c\u180e", "\x01\x7f", "\u20dd",
+               "\u3000\u0301\u0302", "\u0903"]
+SHOWN_TEXTS = ["a\u0301", "\U0001f44d", "\u2764\ufe0f", "\u3164a", "0", ".", "\u2800x",
+               "\u65e5\u672c", "\u200bhi"]
+
+
+@pytest.mark.parametrize("text", BLANK_TEXTS)
+def test_blank_message_content_is_422(api_node, pair, text):
+    ana, _, gid = pair
+    before = _count(ana, gid)
+    reply = ana("POST", "/messages", {"groupId": gid, "content": text})
+    assert reply.status == 422, (text, reply.raw)
+    assert reply.json["error"] == "invalid_field" and reply.json["field"] == "content"
+    assert _count(ana, gid) == before
+
+
+@pytest.mark.parametrize("text", BLANK_TEXTS)
+def test_blank_group_names_are_422(api_node, pair, text):
+    ana, _, _ = pair
+    before = len(ana("GET", "/chats").json["chats"])
+    reply = ana("POST", "/groups", {"name": text})
+    assert reply.status == 422, (text, reply.raw)
+    assert reply.json["error"] == "invalid_field" and reply.json["field"] == "name"
+    assert len(ana("GET", "/chats").json["chats"]) == before
+
+
+@pytest.mark.parametrize("text", SHOWN_TEXTS)
+def test_text_that_shows_something_is_accepted(api_node, pair, text):
+    ana, _, gid = pair
+    posted = ana("POST", "/messages", {"groupId": gid, "content": text})
+    assert posted.status == 201 and posted.json["content"] == text, posted.raw
+    group = ana("POST", "/groups", {"name": text})
+    assert group.status == 201 and group.json["name"] == text, group.raw
+
+
+def test_is_blank():
+    from hachat.api.text import is_blank
+
+    for text in ["", " ", *BLANK_TEXTS]:
+        assert is_blank(text), repr(text)
+    for text in SHOWN_TEXTS:
+        assert not is_blank(text), repr(text)

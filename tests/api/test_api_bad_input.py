@@ -250,3 +250,38 @@ def test_is_blank():
         assert is_blank(text), repr(text)
     for text in SHOWN_TEXTS:
         assert not is_blank(text), repr(text)
+
+
+def test_a_password_in_the_query_string_is_refused(api_node, unique):
+    """Regression: POST /login?username=..&password=.. logged in (or created the account);
+    a URL ends up in proxy and server logs, so secrets come from the JSON body only."""
+    from urllib.parse import quote
+
+    name = unique("qs")
+    for path, body in [(f"/login?username={name}&password=longenough", None),
+                       ("/login?password=longenough", {"username": name}),
+                       ("/login?password=longenough", {"username": name,
+                                                       "password": "longenough"}),
+                       (f"/login?PassWord=longenough&username={name}", None),
+                       (f"/login?{quote('password')}=longenough&username={name}", None),
+                       ("/login?pass%77ord=longenough", {"username": name})]:
+        reply = call(api_node.url, "POST", path, body)
+        assert reply.status == 400, (path, reply.raw)
+        assert reply.json["error"] == "secret_in_query" and reply.json["field"] == "password"
+        assert "body" in reply.json["message"]
+    # nothing was created: the account is new to this login
+    created = call(api_node.url, "POST", "/login", {"username": name, "password": "longenough"})
+    assert created.status == 201, created.raw
+
+
+def test_a_token_in_the_query_string_is_refused(api_node, pair):
+    ana, _, gid = pair
+    for path in (f"/events?token={ana.token}", f"/chats?access_token={ana.token}",
+                 f"/messages?groupId={gid}&Token={ana.token}"):
+        for token in (None, ana.token):  # with or without the header too
+            reply = call(api_node.url, "GET", path, token=token)
+            assert reply.status == 400, (path, reply.raw)
+            assert reply.json["error"] == "secret_in_query"
+            assert "Authorization" in reply.json["message"]
+    # a query string without secrets is fine
+    assert ana("GET", f"/messages?groupId={gid}").status == 200

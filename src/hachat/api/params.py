@@ -11,7 +11,7 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl
 
-from hachat.api.errors import invalid_field, invalid_json
+from hachat.api.errors import invalid_field, invalid_json, secret_in_query
 from hachat.http.messages import Request
 
 INT64_MAX = 2**63 - 1
@@ -25,6 +25,34 @@ _UNSIGNED_TEXT = re.compile(r"[0-9]{1,19}")
 _DECIMAL_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
 _UNSIGNED_DECIMAL_TEXT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
 _TEXT_MAX = 40  # a longer number is no timeout anyone means
+
+
+# Names that carry a secret. They are refused in any query string (a URL is written to proxy
+# and access logs, browser history, Referer headers): a password belongs in the JSON body, a
+# token in the Authorization header. Compared case-insensitively, after percent-decoding.
+SECRET_QUERY_NAMES = {"password": "password", "token": "token", "access_token": "token",
+                      "admin_token": "token"}
+_SECRET_HINTS = ("password", "token", "%")
+
+
+def reject_secrets_in_query(query_string: str) -> None:
+    """400 `secret_in_query` when the query string names a secret (see SECRET_QUERY_NAMES)."""
+    if not query_string:
+        return
+    lowered = query_string.lower()
+    if not any(hint in lowered for hint in _SECRET_HINTS):
+        return  # the common case: no need to decode
+    for key, _ in parse_qsl(query_string, keep_blank_values=True):
+        kind = SECRET_QUERY_NAMES.get(key.strip().lower())
+        if kind == "password":
+            raise secret_in_query(
+                "password", "a password must never be sent in the URL: send it in the JSON "
+                            "body (the URL is kept in logs); nothing was done")
+        if kind == "token":
+            raise secret_in_query(
+                key, f"'{key}' must never be sent in the URL: send the token in the "
+                     "'Authorization: Bearer <token>' header (the URL is kept in logs); "
+                     "nothing was done")
 
 
 class Params:
@@ -49,6 +77,21 @@ class Params:
         if name in self._query:
             return self._query[name], True
         return _MISSING, False
+
+    def secret(self, name: str, *, min_length: int, max_length: int) -> str:
+        """A required secret (a password): from the JSON body only, never the query string."""
+        if name in self._query:
+            raise secret_in_query(name, f"'{name}' must be sent in the JSON body, never in "
+                                        "the URL (the URL is kept in logs); nothing was done")
+        value = self._body.get(name, _MISSING)
+        if value is _MISSING or value is None:
+            raise invalid_field(name, f"'{name}' is required (in the JSON body)")
+        if not isinstance(value, str):
+            raise invalid_field(name, f"'{name}' must be a string")
+        if not (min_length <= len(value) <= max_length):
+            raise invalid_field(name, f"'{name}' must have {min_length} to {max_length} "
+                                      "characters")
+        return value
 
     def has(self, name: str) -> bool:
         return self.raw(name)[0] is not _MISSING

@@ -132,11 +132,11 @@ class Params:
                 raise invalid_field(name, f"'{name}' must be a decimal number written with "
                                           "the digits 0-9 (e.g. 2.5)")
             number = float(value)
-        elif isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
-                                          and abs(value) <= 2**63):
-            number = float(value)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            number = float("inf") if value > 0 else float("-inf")  # out of range below
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # a JSON integer of hundreds of digits
+                number = float("nan")  # out of range below
         else:
             raise invalid_field(name, f"'{name}' must be a number")
         if not (minimum <= number <= maximum):

@@ -140,3 +140,148 @@ def test_admin_routes_need_the_admin_token(api_node, pair):
     assert ana("POST", "/fall").status == 403
     assert call(api_node.url, "POST", "/revive", token="wrong").status == 403
     assert call(api_node.url, "GET", "/health").json["status"] == "alive"
+
+
+# Numbers in a query string, a path or a JSON string are ASCII digits only: str.isdigit(),
+# int() and float() also take superscripts (500), other scripts' digits ("١" was 1) and "1_0".
+ODD_NUMBERS = ["²", "١", "١٢", "𝟙", "1_0", "0x10", " 5", "5 ", "+5", "1e3", "½", "٣"]
+
+
+@pytest.mark.parametrize("text", ODD_NUMBERS)
+def test_odd_numbers_in_query_strings_are_422(api_node, pair, text):
+    ana, _, gid = pair
+    from urllib.parse import quote
+
+    q = quote(text)
+    for path, field in [(f"/messages?groupId={q}", "groupId"),
+                        (f"/messages?groupId={gid}&limit={q}", "limit"),
+                        (f"/messages?groupId={gid}&before={q}", "before"),
+                        (f"/group-users?groupId={q}", "groupId"),
+                        (f"/events?since={q}", "since")]:
+        reply = ana("GET", path)
+        assert reply.status == 422, (path, reply.status, reply.raw)
+        assert reply.json["error"] == "invalid_field" and reply.json["field"] == field
+    reply = ana("DELETE", f"/messages?messageId={q}")
+    assert reply.status == 422 and reply.json["field"] == "messageId", reply.raw
+    reply = ana("POST", f"/groups?name=n&memberIds={q}")
+    assert reply.status == 422 and reply.json["field"] == "memberIds", reply.raw
+    for path in (f"/groups/{q}/members", f"/notify/{q}"):
+        reply = ana("POST", path, {"userId": ana.id, "message": "m"})
+        assert reply.status == 422 and reply.json["field"] == "groupId", (path, reply.raw)
+    reply = call(api_node.url, "GET", f"/subscribe/status?since={q}")
+    assert reply.status == 422 and reply.json["field"] == "since", reply.raw
+
+
+@pytest.mark.parametrize("text", ["1_0", "١", "²", "nan", "inf", "-inf", "0x1", " 1", "1e", "."])
+def test_odd_timeouts_are_422(api_node, pair, text):
+    ana, _, _ = pair
+    from urllib.parse import quote
+
+    reply = ana("GET", f"/events?since=0&timeout={quote(text)}")
+    assert reply.status == 422 and reply.json["field"] == "timeout", reply.raw
+    reply = ana("GET", "/events", {"since": 0, "timeout": text})
+    assert reply.status == 422 and reply.json["field"] == "timeout", reply.raw
+    reply = call(api_node.url, "GET", f"/subscribe/status?timeout={quote(text)}")
+    assert reply.status == 422 and reply.json["field"] == "timeout", reply.raw
+
+
+def test_plain_numbers_still_work(api_node, pair):
+    ana, _, gid = pair
+    assert ana("GET", f"/messages?groupId={gid}&limit=007").status == 200
+    assert ana("GET", "/events?since=0&timeout=0.0").status == 200
+    assert ana("GET", "/events?since=0&timeout=0").status == 200
+    assert ana("GET", "/events", {"since": 0, "timeout": 0.001}).status == 200
+    assert ana("GET", "/events", {"since": 0, "timeout": "0.5e-3"}).status == 200
+    assert call(api_node.url, "GET", "/subscribe/status?timeout=.001").status == 200
+
+
+def test_huge_json_numbers_are_422(api_node, pair):
+    ana, _, gid = pair
+    huge = b"1" + b"0" * 400
+    for body, field in [(b'{"since": 0, "timeout": ' + huge + b"}", "timeout"),
+                        (b'{"groupId": ' + huge + b"}", "groupId")]:
+        reply = ana("GET", "/events" if b"since" in body else "/messages", body)
+        assert reply.status == 422 and reply.json["field"] == field, reply.raw
+
+
+# Text that shows nothing: white space, format characters (Cf), the Hangul fillers, the Braille
+# blank, controls, and combining marks with nothing to sit on.
+BLANK_TEXTS = ["\u200b", "\u3164", "\u2800", "\u0301", "\u115f\u1160", "\uffa0",
+               "\u200b\u0301", " \u3164 \u2800 ", "\u034f", "\ufe0f", "\u2060\u00ad",
+               "\U000e0041\U000e0042", "\u202e\u061c\u180e", "\x01\x7f", "\u20dd",
+               "\u3000\u0301\u0302", "\u0903"]
+SHOWN_TEXTS = ["a\u0301", "\U0001f44d", "\u2764\ufe0f", "\u3164a", "0", ".", "\u2800x",
+               "\u65e5\u672c", "\u200bhi"]
+
+
+@pytest.mark.parametrize("text", BLANK_TEXTS)
+def test_blank_message_content_is_422(api_node, pair, text):
+    ana, _, gid = pair
+    before = _count(ana, gid)
+    reply = ana("POST", "/messages", {"groupId": gid, "content": text})
+    assert reply.status == 422, (text, reply.raw)
+    assert reply.json["error"] == "invalid_field" and reply.json["field"] == "content"
+    assert _count(ana, gid) == before
+
+
+@pytest.mark.parametrize("text", BLANK_TEXTS)
+def test_blank_group_names_are_422(api_node, pair, text):
+    ana, _, _ = pair
+    before = len(ana("GET", "/chats").json["chats"])
+    reply = ana("POST", "/groups", {"name": text})
+    assert reply.status == 422, (text, reply.raw)
+    assert reply.json["error"] == "invalid_field" and reply.json["field"] == "name"
+    assert len(ana("GET", "/chats").json["chats"]) == before
+
+
+@pytest.mark.parametrize("text", SHOWN_TEXTS)
+def test_text_that_shows_something_is_accepted(api_node, pair, text):
+    ana, _, gid = pair
+    posted = ana("POST", "/messages", {"groupId": gid, "content": text})
+    assert posted.status == 201 and posted.json["content"] == text, posted.raw
+    group = ana("POST", "/groups", {"name": text})
+    assert group.status == 201 and group.json["name"] == text, group.raw
+
+
+def test_is_blank():
+    from hachat.api.text import is_blank
+
+    for text in ["", " ", *BLANK_TEXTS]:
+        assert is_blank(text), repr(text)
+    for text in SHOWN_TEXTS:
+        assert not is_blank(text), repr(text)
+
+
+def test_a_password_in_the_query_string_is_refused(api_node, unique):
+    """Regression: POST /login?username=..&password=.. logged in (or created the account);
+    a URL ends up in proxy and server logs, so secrets come from the JSON body only."""
+    from urllib.parse import quote
+
+    name = unique("qs")
+    for path, body in [(f"/login?username={name}&password=longenough", None),
+                       ("/login?password=longenough", {"username": name}),
+                       ("/login?password=longenough", {"username": name,
+                                                       "password": "longenough"}),
+                       (f"/login?PassWord=longenough&username={name}", None),
+                       (f"/login?{quote('password')}=longenough&username={name}", None),
+                       ("/login?pass%77ord=longenough", {"username": name})]:
+        reply = call(api_node.url, "POST", path, body)
+        assert reply.status == 400, (path, reply.raw)
+        assert reply.json["error"] == "secret_in_query" and reply.json["field"] == "password"
+        assert "body" in reply.json["message"]
+    # nothing was created: the account is new to this login
+    created = call(api_node.url, "POST", "/login", {"username": name, "password": "longenough"})
+    assert created.status == 201, created.raw
+
+
+def test_a_token_in_the_query_string_is_refused(api_node, pair):
+    ana, _, gid = pair
+    for path in (f"/events?token={ana.token}", f"/chats?access_token={ana.token}",
+                 f"/messages?groupId={gid}&Token={ana.token}"):
+        for token in (None, ana.token):  # with or without the header too
+            reply = call(api_node.url, "GET", path, token=token)
+            assert reply.status == 400, (path, reply.raw)
+            assert reply.json["error"] == "secret_in_query"
+            assert "Authorization" in reply.json["message"]
+    # a query string without secrets is fine
+    assert ana("GET", f"/messages?groupId={gid}").status == 200

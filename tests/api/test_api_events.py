@@ -37,6 +37,23 @@ def test_cursor_then_created_and_deleted(api_node, unique):
     assert replay[0]["data"].get("content") in (None, "")
 
 
+def test_deleting_a_message_leaves_notices_that_name_its_id_alone(api_node, unique):
+    """Regression: a group.notify whose JSON was {"message": {"id": N, ...}} was tied to
+    message N, so deleting N blanked the notice's content."""
+    ana, bea = ChatUser(api_node.url, unique("nr")), ChatUser(api_node.url, unique("ns"))
+    gid = ana("POST", "/groups", {"name": "nr", "memberIds": [bea.id]}).json["id"]
+    start = bea("GET", "/events").json["cursor"]
+    mid = ana("POST", "/messages", {"groupId": gid, "content": "to delete"}).json["id"]
+    notice = {"id": mid, "content": "a notice that happens to name the id"}
+    assert bea("POST", f"/notify/{gid}", {"message": notice}).status == 200
+    assert ana("DELETE", "/messages", {"messageId": mid}).status == 200
+    replay = bea("GET", f"/events?since={start}&timeout=0").json["events"]
+    kinds = [e["type"] for e in replay]
+    assert kinds == ["message.created", "group.notify", "message.deleted"], kinds
+    assert replay[0]["data"]["content"] is None  # the message itself is redacted
+    assert replay[1]["data"] == {"message": notice, "from": bea.id}
+
+
 def test_waiting_poll_wakes_on_a_new_message(api_node, unique):
     ana, bea = ChatUser(api_node.url, unique("wa")), ChatUser(api_node.url, unique("wb"))
     gid = ana("POST", "/groups", {"name": "wake", "memberIds": [bea.id]}).json["id"]

@@ -4,6 +4,8 @@ and took ~64 MiB per hash. Logins are rate-limited per address and hashing is bo
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import socket
 import time
 
 from support import ChatUser, NodeProcess, call
@@ -23,6 +25,44 @@ def test_login_attempts_are_rate_limited_per_address(tmp_path):
         other = call(node.url, "POST", "/login", {"username": "x"},
                      headers={"X-Forwarded-For": "203.0.113.9"})
         assert other.status == 422
+    finally:
+        node.stop()
+
+
+def _login_with_headers(node: NodeProcess, header_lines: list[str]) -> int:
+    """POST /login with raw header lines (so a header may be repeated); the status."""
+    body = json.dumps({"username": "x"}).encode()
+    head = ["POST /login HTTP/1.1", f"Host: 127.0.0.1:{node.port}",
+            "Content-Type: application/json", f"Content-Length: {len(body)}",
+            "Connection: close", *header_lines]
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def test_a_client_rotating_x_forwarded_for_is_still_limited(tmp_path):
+    """Regression: the limit keyed on the first X-Forwarded-For value, which the client writes
+    (HAProxy's `option forwardfor` adds its own value after it), so a client sending a new
+    value each time was never limited."""
+    node = NodeProcess({"DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "PEER_URL": "",
+                        "LOGIN_RATE": "0.1", "LOGIN_BURST": "3"}, tmp_path, "xff").start()
+    try:
+        node.wait_active()
+        client = "203.0.113.50"  # what the proxy saw
+        forms = [
+            # the proxy appended to the client's header...
+            lambda i: [f"X-Forwarded-For: 198.51.100.{i}, {client}"],
+            # ...or added a header of its own after the client's
+            lambda i: [f"X-Forwarded-For: 198.51.100.{i}", f"X-Forwarded-For: {client}"],
+        ]
+        statuses = [_login_with_headers(node, forms[i % 2](i)) for i in range(6)]
+        assert statuses[:3] == [422, 422, 422]
+        assert statuses[3:] == [429, 429, 429]
+        # the same proxy forwarding another client: a budget of its own
+        assert _login_with_headers(node, ["X-Forwarded-For: 203.0.113.51"]) == 422
     finally:
         node.stop()
 

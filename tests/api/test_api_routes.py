@@ -48,6 +48,29 @@ def test_logout_revokes_the_token(api_node, unique):
     assert reply.status == 401 and reply.json["error"] == "unauthorized"
 
 
+def test_logout_holds_while_other_requests_use_the_token(api_node, unique):
+    """Requests in flight with the token while it is revoked must not bring it back."""
+    import threading
+
+    for _round in range(3):
+        user = ChatUser(api_node.url, unique("lr"))
+        stop = threading.Event()
+
+        def hammer(user=user, stop=stop):
+            while not stop.is_set():
+                user("GET", "/chats")
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            busy = [pool.submit(hammer) for _ in range(4)]
+            assert user("POST", "/logout").status == 200
+            stop.set()
+            for f in busy:
+                f.result()
+        for _ in range(3):
+            reply = user("GET", "/chats")
+            assert reply.status == 401 and reply.json["error"] == "unauthorized"
+
+
 def test_group_messages_walk(api_node, unique):
     ana, bea, cid = ChatUser(api_node.url, unique("ana")), ChatUser(api_node.url, unique("bea")), \
         ChatUser(api_node.url, unique("cid"))
@@ -159,6 +182,39 @@ def test_a_retry_after_the_message_was_deleted_does_not_store_it_again(api_node,
     # The key is spent for this author only.
     assert ana("POST", "/messages", {"groupId": gid, "content": "new"},
                headers={"Idempotency-Key": key + "-2"}).status == 201
+
+
+def test_a_retry_after_leaving_the_group_gets_the_first_answer(api_node, unique):
+    """Regression: a retry whose message was stored answered 403 once its author had left
+    the group; the idempotency key is looked up before membership is judged."""
+    ana, bea = ChatUser(api_node.url, unique("rl")), ChatUser(api_node.url, unique("rm"))
+    gid = bea("POST", "/groups", {"name": "leave", "memberIds": [ana.id]}).json["id"]
+    kept_key, gone_key = str(uuid.uuid4()), str(uuid.uuid4())
+    kept = ana("POST", "/messages", {"groupId": gid, "content": "kept"},
+               headers={"Idempotency-Key": kept_key})
+    gone = ana("POST", "/messages", {"groupId": gid, "content": "gone",
+                                     "clientMessageId": gone_key})
+    assert kept.status == 201 and gone.status == 201
+    assert ana("DELETE", "/messages", {"messageId": gone.json["id"]}).status == 200
+    assert ana("DELETE", f"/groups/{gid}/members", {"userId": ana.id}).status == 200
+
+    again = ana("POST", "/messages", {"groupId": gid, "content": "kept"},
+                headers={"Idempotency-Key": kept_key})
+    assert again.status == 200, again.raw
+    assert again.json == kept.json
+    again = ana("POST", "/messages", {"groupId": gid, "content": "kept",
+                                      "clientMessageId": kept_key})
+    assert again.status == 200 and again.json["id"] == kept.json["id"]
+    late = ana("POST", "/messages", {"groupId": gid, "content": "gone",
+                                     "clientMessageId": gone_key})
+    assert late.status == 410 and late.json["error"] == "message_deleted", late.raw
+    assert late.json["messageId"] == gone.json["id"]
+    # a new message (or one without a key) from a former member is still refused
+    for headers in ({"Idempotency-Key": str(uuid.uuid4())}, {}):
+        assert ana("POST", "/messages", {"groupId": gid, "content": "new"},
+                   headers=headers).status == 403
+    assert [m["id"] for m in bea("GET", "/messages", {"groupId": gid}).json["messages"]] == [
+        kept.json["id"]]
 
 
 def test_notify_reaches_the_group_stream(api_node, unique):

@@ -248,3 +248,31 @@ def test_a_deleted_messages_client_id_is_not_reused(db, users):
         (again,) = chat.post_messages(s, [chat.MessageDraft(ann.id, group.id, "once", "k-del")],
                                       3)
     assert again.outcome is chat.PostOutcome.CREATED
+
+
+def test_a_retry_after_the_author_left_finds_the_earlier_message(db, users):
+    """Regression: the membership verdict came before the idempotency lookup, so a retry
+    after the author left the group was NOT_MEMBER although the message was stored."""
+    ann, ben, *_ = users
+    with db.write() as s:
+        group = chat.create_group(s, "left", ben.id, [ann.id])
+        kept, _ = post_one(s, ann.id, group.id, "kept", 1, "k-kept")
+        gone, _ = post_one(s, ann.id, group.id, "gone", 1, "k-gone")
+    with db.write() as s:
+        assert chat.delete_message(s, gone.id)
+        assert chat.remove_member(s, group.id, ann.id)
+    with db.write() as s:
+        results = chat.post_messages(s, [
+            chat.MessageDraft(ann.id, group.id, "kept", "k-kept"),
+            chat.MessageDraft(ann.id, group.id, "gone", "k-gone"),
+            chat.MessageDraft(ann.id, group.id, "new", "k-new"),
+            chat.MessageDraft(ann.id, group.id, "no key"),
+            chat.MessageDraft(ann.id, 999_999, "kept", "k-kept"),
+        ], 2)
+    assert [r.outcome for r in results] == [
+        chat.PostOutcome.EXISTING, chat.PostOutcome.DELETED, chat.PostOutcome.NOT_MEMBER,
+        chat.PostOutcome.NOT_MEMBER, chat.PostOutcome.EXISTING]
+    assert results[0].message.id == kept.id and results[4].message.id == kept.id
+    assert results[1].deleted_message_id == gone.id
+    with db.read() as s:
+        assert [m.id for m in chat.list_messages(s, group.id)] == [kept.id]

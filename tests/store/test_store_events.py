@@ -73,8 +73,8 @@ def test_redact_message_events(db):
                             {"message": {"id": m2.id, "content": "keep"}}, 1)
         events.append_event(s, 3, "message.created", g1.id, None,
                             {"id": m1.id, "content": "secret"}, 1)
-        events.append_event(s, 4, "note", g1.id, None, {"content": "not a message"}, 1,
-                            message_id=m2.id)
+        events.append_event(s, 4, "message.pinned", g1.id, None, {"content": "not a message"},
+                            1, message_id=m2.id)
     with db.write() as s:
         assert chat.delete_message(s, m1.id) is True
         assert events.redact_message_events(s, m1.id) == 2
@@ -132,3 +132,41 @@ def test_message_id_of():
     assert events.message_id_of("message.created", {"id": 5}) == 5
     assert events.message_id_of("group.created", {"id": 5}) is None
     assert events.message_id_of("message.created", {"message": {"id": True}}) is None
+
+
+def test_message_id_of_reads_message_events_only():
+    """Regression: any event whose payload looked like {"message": {"id": N}} (a group.notify
+    carries the client's JSON there) was tied to message N and redacted with it."""
+    for kind in ("group.notify", "member.added", "group.created", "messages", "message"):
+        assert events.message_id_of(kind, {"message": {"id": 3, "content": "x"}}) is None
+        assert events.message_id_of(kind, {"message_id": 4}) is None
+        assert events.message_id_of(kind, {"id": 5}) is None
+    assert events.message_id_of("message.created", {"message": {"id": 3}}) == 3
+
+
+def test_a_message_id_belongs_to_message_events_only(db):
+    import pytest
+
+    with pytest.raises(ValueError), db.write() as s:
+        events.append_event(s, 1, "group.notify", None, None, {}, 1, message_id=5)
+
+
+def test_deleting_a_message_leaves_other_kinds_of_events_alone(db):
+    ann, ben, cat, g1, g2 = _setup(db)
+    notice = {"message": {"id": 0, "content": "not about a message"}, "from": ann.id}
+    with db.write() as s:
+        m1, _ = post_one(s, ann.id, g1.id, "secret", 1)
+        notice["message"]["id"] = m1.id
+        events.append_event(s, 1, "message.created", g1.id, None,
+                            {"id": m1.id, "content": "secret"}, 1)
+        events.append_event(s, 2, "group.notify", g1.id, None, notice, 1)
+        events.append_event(s, 3, "group.notify", g1.id, None, notice, 1)
+        # a row written before the fix: tied to the message although it is a notice
+        s.execute(text("UPDATE events SET message_id = :m WHERE position = 3"), {"m": m1.id})
+    with db.write() as s:
+        assert chat.delete_message(s, m1.id)
+        assert events.redact_message_events(s, m1.id) == 1
+    with db.read() as s:
+        rows = {e.position: e.payload_dict() for e in events.events_for_user(s, ben.id, 0, 10)}
+    assert rows[1] == {"id": m1.id, "content": None, "deleted": True}
+    assert rows[2] == notice and rows[3] == notice

@@ -16,10 +16,7 @@ def _credentials(request: Request) -> tuple[str, str]:
     username = params.string("username")
     if not USERNAME_PATTERN.fullmatch(username):
         raise invalid_field("username", "'username' must be 1-32 letters, digits, '.', '_' or '-'")
-    password = params.string("password")
-    if not (PASSWORD_MIN <= len(password) <= PASSWORD_MAX):
-        raise invalid_field("password",
-                            f"'password' must have {PASSWORD_MIN} to {PASSWORD_MAX} characters")
+    password = params.secret("password", min_length=PASSWORD_MIN, max_length=PASSWORD_MAX)
     return username, password
 
 

@@ -22,6 +22,14 @@ PASSWORD_MIN, PASSWORD_MAX = 8, 256
 
 
 @dataclass(frozen=True, slots=True)
+class _Lookup:
+    """When a token lookup began, as the cache counts time (see `Authenticator.remember`)."""
+
+    generation: int
+    forgets: int
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     """The user a request acts for."""
 
@@ -36,14 +44,30 @@ class Authenticator:
     The cache holds only what this process saw in its current leadership term: the composition
     root clears it whenever the node becomes active, since another node may have written
     (revoked tokens) in between. Logout on this node evicts at once.
+
+    A cache miss reads the database and then fills the cache; a logout (`forget`) or a `clear`
+    may run in between. So a lookup takes a `_Lookup` stamp before its read, and the fill is
+    refused, under the lock, when the token was forgotten meanwhile, when the cache was
+    cleared meanwhile, or when the record of forgotten tokens overflowed since the stamp
+    (then we cannot tell, and skipping a fill only costs a database read later).
     """
 
-    def __init__(self, admin_token: str | None, cache_size: int = 100_000) -> None:
+    def __init__(self, admin_token: str | None, cache_size: int = 100_000,
+                 revoked_size: int = 10_000) -> None:
         self._hasher = PasswordHasher()
         self._admin_token = admin_token
         self._cache: OrderedDict[str, Principal] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        # Guarded by _lock. `_generation` counts clears; `_forgets` counts forget() calls.
+        # `_revoked` maps recently forgotten tokens to their forget count (a revoked token
+        # never comes back, so an entry only has to outlive the lookups in flight);
+        # `_revoked_floor` is the count of the newest entry dropped to bound its size.
+        self._generation = 0
+        self._forgets = 0
+        self._revoked: OrderedDict[str, int] = OrderedDict()
+        self._revoked_size = revoked_size
+        self._revoked_floor = 0
 
     # -- passwords ------------------------------------------------------------------
     def hash_password(self, password: str) -> str:
@@ -78,37 +102,60 @@ class Authenticator:
             if cached is not None:
                 self._cache.move_to_end(token)
                 return cached
+            stamp = _Lookup(self._generation, self._forgets)
         with db.read() as session:
             user = accounts.user_for_token(session, token)
             if user is None:
                 raise unauthorized("the token is unknown, expired or revoked; log in again")
             principal = Principal(user.id, user.username, token)
-        self.remember(principal)
+        self.remember(principal, stamp)
         return principal
 
-    def remember(self, principal: Principal) -> None:
+    def remember(self, principal: Principal, stamp: _Lookup | None = None) -> None:
+        """Cache a live token. `stamp` (taken before the database read that found it): the
+        fill is skipped if a logout or a clear may have happened since."""
         with self._lock:
+            if stamp is not None and (stamp.generation != self._generation
+                                      or stamp.forgets < self._revoked_floor):
+                return
+            if principal.token in self._revoked:
+                return
             self._cache[principal.token] = principal
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
 
     def forget(self, token: str) -> None:
+        """The token was revoked: evict it, and keep any lookup in flight from caching it."""
         with self._lock:
             self._cache.pop(token, None)
+            self._forgets += 1
+            self._revoked[token] = self._forgets
+            self._revoked.move_to_end(token)
+            while len(self._revoked) > self._revoked_size:
+                _, dropped = self._revoked.popitem(last=False)
+                self._revoked_floor = max(self._revoked_floor, dropped)
 
     def clear(self) -> None:
+        """Forget every cached token; lookups in flight do not cache what they find."""
         with self._lock:
             self._cache.clear()
+            self._generation += 1
 
     @staticmethod
     def client_key(request: Request) -> str:
-        """Who is asking, for rate limits: the proxy's X-Forwarded-For when the direct peer
-        is a local proxy (HAProxy on this machine), else the peer address."""
+        """Who is asking, for rate limits: the socket peer's address, unless the peer is a
+        proxy we trust (loopback: HAProxy on this machine). Then the LAST X-Forwarded-For
+        value: the one that proxy added. Earlier values (and a header of the client's own,
+        which arrives joined before the proxy's) are whatever the client wrote."""
         host = request.client_address[0] if request.client_address else "?"
         forwarded = request.headers.get("x-forwarded-for")
-        if forwarded and _is_loopback(host):
-            return forwarded.split(",")[0].strip() or host
-        return host
+        if forwarded is None or not _is_loopback(host):
+            return host
+        last = forwarded.rsplit(",", 1)[-1].strip()
+        try:
+            return str(ipaddress.ip_address(last))
+        except ValueError:
+            return host  # not what a proxy writes: count it against the proxy itself
 
     # -- admin ----------------------------------------------------------------------
     def is_admin(self, request: Request) -> bool:

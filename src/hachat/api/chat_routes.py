@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import unicodedata
 from typing import Any
 
 from hachat.api.auth import USERNAME_PATTERN, Principal
 from hachat.api.context import ApiContext
 from hachat.api.errors import forbidden, invalid_field, not_found
 from hachat.api.params import Params
+from hachat.api.text import is_blank
 from hachat.api.views import group_view, message_view, user_view
 from hachat.api.writes import fenced_write, reading, require_active
 from hachat.http.messages import Deferred, Request, Response, json_response
@@ -58,8 +58,9 @@ def chats(ctx: ApiContext, request: Request) -> Response:
 def create_group(ctx: ApiContext, request: Request) -> Response:
     params = Params.of(request)
     name = params.string("name", max_length=GROUP_NAME_MAX).strip()
-    if not name:
-        raise invalid_field("name", "'name' must not be blank")
+    if is_blank(name):
+        raise invalid_field("name", "'name' must show something: not only white space, "
+                                    "invisible characters or combining marks")
     member_ids = params.id_list("memberIds")
     me = acting_user(ctx, request, params)
     with fenced_write(ctx) as w:
@@ -154,14 +155,10 @@ def list_messages(ctx: ApiContext, request: Request) -> Response:
 
 def _content(params: Params) -> str:
     content = params.string("content", max_length=CONTENT_MAX)
-    if not any(_visible(ch) for ch in content):
-        raise invalid_field("content", "'content' must not be empty or only white space")
+    if is_blank(content):
+        raise invalid_field("content", "'content' must show something: not empty, not only "
+                                       "white space, invisible characters or combining marks")
     return content
-
-
-def _visible(ch: str) -> bool:
-    """Not white space, and not an invisible format or control character (e.g. U+200B)."""
-    return not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Cc", "Zs", "Zl", "Zp")
 
 
 def _client_message_id(request: Request, params: Params) -> str | None:

@@ -9,6 +9,10 @@ def invalid_json(message: str) -> HTTPError:
     return HTTPError(400, "invalid_json", message)
 
 
+def secret_in_query(field: str, message: str) -> HTTPError:
+    return HTTPError(400, "secret_in_query", message, extra={"field": field})
+
+
 def invalid_field(field: str, message: str) -> HTTPError:
     return HTTPError(422, "invalid_field", message, extra={"field": field})
 

@@ -7,14 +7,52 @@ open a transaction.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qsl
 
-from hachat.api.errors import invalid_field, invalid_json
+from hachat.api.errors import invalid_field, invalid_json, secret_in_query
 from hachat.http.messages import Request
 
 INT64_MAX = 2**63 - 1
 _MISSING = object()
+
+# Numbers written as text (query string, path, a JSON string) are ASCII only: `str.isdigit`,
+# `int()` and `float()` also take other scripts' digits ("١"), superscripts ("²"), "1_0",
+# surrounding white space, "nan" and "inf".
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,19}")
+_UNSIGNED_TEXT = re.compile(r"[0-9]{1,19}")
+_DECIMAL_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
+_UNSIGNED_DECIMAL_TEXT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
+_TEXT_MAX = 40  # a longer number is no timeout anyone means
+
+
+# Names that carry a secret. They are refused in any query string (a URL is written to proxy
+# and access logs, browser history, Referer headers): a password belongs in the JSON body, a
+# token in the Authorization header. Compared case-insensitively, after percent-decoding.
+SECRET_QUERY_NAMES = {"password": "password", "token": "token", "access_token": "token",
+                      "admin_token": "token"}
+_SECRET_HINTS = ("password", "token", "%")
+
+
+def reject_secrets_in_query(query_string: str) -> None:
+    """400 `secret_in_query` when the query string names a secret (see SECRET_QUERY_NAMES)."""
+    if not query_string:
+        return
+    lowered = query_string.lower()
+    if not any(hint in lowered for hint in _SECRET_HINTS):
+        return  # the common case: no need to decode
+    for key, _ in parse_qsl(query_string, keep_blank_values=True):
+        kind = SECRET_QUERY_NAMES.get(key.strip().lower())
+        if kind == "password":
+            raise secret_in_query(
+                "password", "a password must never be sent in the URL: send it in the JSON "
+                            "body (the URL is kept in logs); nothing was done")
+        if kind == "token":
+            raise secret_in_query(
+                key, f"'{key}' must never be sent in the URL: send the token in the "
+                     "'Authorization: Bearer <token>' header (the URL is kept in logs); "
+                     "nothing was done")
 
 
 class Params:
@@ -40,6 +78,21 @@ class Params:
             return self._query[name], True
         return _MISSING, False
 
+    def secret(self, name: str, *, min_length: int, max_length: int) -> str:
+        """A required secret (a password): from the JSON body only, never the query string."""
+        if name in self._query:
+            raise secret_in_query(name, f"'{name}' must be sent in the JSON body, never in "
+                                        "the URL (the URL is kept in logs); nothing was done")
+        value = self._body.get(name, _MISSING)
+        if value is _MISSING or value is None:
+            raise invalid_field(name, f"'{name}' is required (in the JSON body)")
+        if not isinstance(value, str):
+            raise invalid_field(name, f"'{name}' must be a string")
+        if not (min_length <= len(value) <= max_length):
+            raise invalid_field(name, f"'{name}' must have {min_length} to {max_length} "
+                                      "characters")
+        return value
+
     def has(self, name: str) -> bool:
         return self.raw(name)[0] is not _MISSING
 
@@ -54,11 +107,13 @@ class Params:
             if required:
                 raise invalid_field(name, f"'{name}' is required")
             return default
+        signed = minimum is None or minimum < 0
         if textual:
-            text = value.strip()
-            if not (text.isdigit() or (text[:1] == "-" and text[1:].isdigit())) or len(text) > 20:
-                raise invalid_field(name, f"'{name}' must be an integer")
-            value = int(text)
+            if not (_INTEGER_TEXT if signed else _UNSIGNED_TEXT).fullmatch(value):
+                sign = "an optional '-' and " if signed else ""
+                raise invalid_field(name, f"'{name}' must be an integer: {sign}the digits 0-9, "
+                                          "nothing else")
+            value = int(value)
         elif isinstance(value, bool) or not isinstance(value, int):
             raise invalid_field(name, f"'{name}' must be an integer")
         low = -(2**63) if minimum is None else minimum
@@ -71,12 +126,19 @@ class Params:
         value, textual = self.raw(name)
         if value is _MISSING or value is None or (textual and value == ""):
             return default
-        try:
-            if isinstance(value, bool):
-                raise ValueError
+        if isinstance(value, str):  # the query string's, or a JSON string
+            pattern = _DECIMAL_TEXT if minimum < 0 else _UNSIGNED_DECIMAL_TEXT
+            if len(value) > _TEXT_MAX or not pattern.fullmatch(value):
+                raise invalid_field(name, f"'{name}' must be a decimal number written with "
+                                          "the digits 0-9 (e.g. 2.5)")
             number = float(value)
-        except (TypeError, ValueError):
-            raise invalid_field(name, f"'{name}' must be a number") from None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # a JSON integer of hundreds of digits
+                number = float("nan")  # out of range below
+        else:
+            raise invalid_field(name, f"'{name}' must be a number")
         if not (minimum <= number <= maximum):
             raise invalid_field(name, f"'{name}' must be between {minimum:g} and {maximum:g}")
         return number

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hachat.api.errors import database_unavailable
+from hachat.api.params import reject_secrets_in_query
 from hachat.http.messages import Deferred, HTTPError, Request, Response
 from hachat.store import StoreUnavailable
 
@@ -27,6 +28,7 @@ class Route:
         self.ctx = ctx
 
     def __call__(self, request: Request) -> Response | Deferred:
+        reject_secrets_in_query(request.query_string)
         try:
             return self.fn(self.ctx, request)
         except StoreUnavailable as exc:

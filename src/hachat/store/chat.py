@@ -172,10 +172,11 @@ def post_messages(s: Session, drafts: Sequence[MessageDraft], epoch: int) -> lis
     """Insert many messages in the session's transaction, each only if its author belongs to
     its group; one result per draft, in order.
 
-    Idempotent per (author, client message id), also between drafts of the same call, and
-    after the message was deleted (its tombstone answers). On PostgreSQL the inserts go to the server as one pipelined batch (one
-    round trip, not one per message); the rare drafts that insert nothing are then told apart
-    (no group, not a member, or an earlier message) one by one.
+    Idempotent per (author, client message id), also between drafts of the same call, after
+    the message was deleted (its tombstone answers), and after its author left the group (the
+    key is looked up before membership is judged). On PostgreSQL the inserts go to the server
+    as one pipelined batch (one round trip, not one per message); the rare drafts that insert
+    nothing are then told apart (an earlier message, no group, not a member) one by one.
     """
     if not drafts:
         return []
@@ -194,13 +195,20 @@ def post_messages(s: Session, drafts: Sequence[MessageDraft], epoch: int) -> lis
                 content=draft.content, created_at=now, epoch=int(epoch),
                 client_message_id=draft.client_message_id)))
             continue
+        # The key first: a retry of a message already stored (or deleted since) gets that
+        # answer even if its author has left the group (or the group is gone) meanwhile.
+        earlier = _earlier_use(s, draft)
+        if earlier is not None:
+            results.append(earlier)
+            continue
         group, member = membership(s, draft.group_id, draft.user_id)
         if group is None:
             results.append(PostResult(PostOutcome.NO_GROUP))
         elif not member:
             results.append(PostResult(PostOutcome.NOT_MEMBER))
         else:
-            results.append(_earlier_use(s, draft))
+            raise IntegrityError("INSERT messages", {},
+                                 Exception("nothing inserted, no earlier use"))
     return results
 
 
@@ -221,16 +229,18 @@ def membership(s: Session, group_id: int, user_id: int) -> tuple[Group | None, b
     return group, row[4] is not None
 
 
-def _earlier_use(s: Session, draft: MessageDraft) -> PostResult:
-    """A member's insert did nothing: its client message id was used before."""
-    if draft.client_message_id is not None:
-        existing = _message_by_client_id(s, draft.user_id, draft.client_message_id)
-        if existing is not None:
-            return PostResult(PostOutcome.EXISTING, existing)
-        tomb = s.get(MessageTombstone, (draft.user_id, draft.client_message_id))
-        if tomb is not None:
-            return PostResult(PostOutcome.DELETED, deleted_message_id=tomb.message_id)
-    raise IntegrityError("INSERT messages", {}, Exception("nothing inserted, no earlier use"))
+def _earlier_use(s: Session, draft: MessageDraft) -> PostResult | None:
+    """An insert did nothing: the message its client message id was used for (EXISTING), or
+    the tombstone of that message (DELETED), or None (no key, or an unused one)."""
+    if draft.client_message_id is None:
+        return None
+    existing = _message_by_client_id(s, draft.user_id, draft.client_message_id)
+    if existing is not None:
+        return PostResult(PostOutcome.EXISTING, existing)
+    tomb = s.get(MessageTombstone, (draft.user_id, draft.client_message_id))
+    if tomb is not None:
+        return PostResult(PostOutcome.DELETED, deleted_message_id=tomb.message_id)
+    return None
 
 
 def get_message(s: Session, message_id: int) -> Message | None:

@@ -15,8 +15,9 @@ from sqlalchemy.orm import Session
 from . import rawsql
 from .models import Event, EventRow, Membership, StreamMeta, utcnow
 
-__all__ = ["EventRow", "append_event", "append_events", "events_for_user", "max_position", "prune_events",
-           "redact_message_events", "stream_floor"]
+__all__ = ["EventRow", "append_event", "append_events", "events_for_user", "is_message_kind",
+           "max_position", "message_id_of", "prune_events", "redact_message_events",
+           "stream_floor"]
 
 STREAM_META_ID = 1
 
@@ -29,15 +30,27 @@ def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+MESSAGE_KIND_PREFIX = "message."
+
+
+def is_message_kind(kind: str) -> bool:
+    """Only these events are about a message (and redacted with it). Others may carry any
+    JSON, e.g. a group.notify holds the client's own {"message": ...}."""
+    return kind.startswith(MESSAGE_KIND_PREFIX)
+
+
 def message_id_of(kind: str, payload: dict[str, Any]) -> int | None:
-    """The message an event is about, read from its payload: payload["message"]["id"],
-    else payload["message_id"], else payload["id"] for kinds starting with "message."."""
+    """The message a `message.*` event is about, read from its payload:
+    payload["message"]["id"], else payload["message_id"], else payload["id"]. None for every
+    other kind, whatever its payload holds."""
+    if not is_message_kind(kind):
+        return None
     message = payload.get("message")
     if isinstance(message, dict) and _int_or_none(message.get("id")) is not None:
         return message["id"]
     if _int_or_none(payload.get("message_id")) is not None:
         return payload["message_id"]
-    if kind.startswith("message.") and _int_or_none(payload.get("id")) is not None:
+    if _int_or_none(payload.get("id")) is not None:
         return payload["id"]
     return None
 
@@ -47,10 +60,13 @@ def append_event(s: Session, position: int, kind: str, group_id: int | None,
                  *, message_id: int | None = None) -> EventRow:
     """Insert one event at `position` (payload stored as compact JSON).
 
-    `message_id` (for redaction) defaults to what `message_id_of(kind, payload)` finds.
+    `message_id` (for redaction) defaults to what `message_id_of(kind, payload)` finds; only
+    a `message.*` event may have one.
     """
     if message_id is None:
         message_id = message_id_of(kind, payload)
+    elif not is_message_kind(kind):
+        raise ValueError(f"a {kind!r} event is not about a message: it takes no message_id")
     values = {"position": int(position), "kind": kind, "group_id": group_id,
               "target_user_id": target_user_id, "message_id": message_id,
               "payload": _dumps(payload), "created_at": utcnow(), "epoch": int(epoch)}
@@ -121,11 +137,14 @@ def _redact(payload: dict[str, Any]) -> bool:
 
 
 def redact_message_events(s: Session, message_id: int) -> int:
-    """After deleting a message: blank its content in every stored event about it (the
-    `content` key, top-level or under "message", becomes null and "deleted": true is added).
-    Returns how many events changed."""
+    """After deleting a message: blank its content in every stored `message.*` event about
+    it (the `content` key, top-level or under "message", becomes null and "deleted": true is
+    added). Events of other kinds are never touched, even rows stored before `message_id_of`
+    kept to message kinds. Returns how many events changed."""
     changed = 0
-    rows = s.scalars(select(Event).where(Event.message_id == message_id)).all()
+    rows = s.scalars(select(Event).where(Event.message_id == message_id,
+                                         Event.kind.startswith(MESSAGE_KIND_PREFIX,
+                                                               autoescape=True))).all()
     for row in rows:
         payload = row.payload_dict()
         if _redact(payload):

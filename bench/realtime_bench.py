@@ -1108,11 +1108,19 @@ class PeerBench:
                     stale, _ = clients.collect_round([0] * clients.n, 0)
                     cursor = server.stats()["cursor"]
                     poster.close()  # a fresh connection: some peers drop idle ones in 5 s
-                    poster.connect()
+                    post_failed = "POST not answered"
+                    try:  # outside the timing, like hachat's open keep-alive connection
+                        poster.connect()
+                        connected = True
+                    except OSError:  # e.g. a full accept queue: the SYN is dropped
+                        post_failed = "the poster could not connect"
+                        connected = False
                     t0 = time.monotonic()
                     t0_real = time.time()
                     message_id = cursor + 1  # a peer numbers messages and events alike
                     try:
+                        if not connected:
+                            raise ConnectionRefusedError(post_failed)
                         reply = poster.request(
                             "POST", "/messages",
                             {"groupId": group, "content": f"round {r} to {members}"},
@@ -1133,9 +1141,9 @@ class PeerBench:
                     summary.update({
                         "held": held, "delivered": len(ok), "bad": len(results) - len(ok),
                         "stale": len(stale),
-                        "post_ack_ms": None if t_ack is None else round((t_ack - t0) * 1000, 2)})
-                    ack = ("POST not answered in "
-                           f"{self.bound:g} s" if t_ack is None
+                        "post_ack_ms": None if t_ack is None else round((t_ack - t0) * 1000, 2),
+                        "post_failed": None if t_ack is not None else post_failed})
+                    ack = (f"{post_failed} in {self.bound:g} s" if t_ack is None
                            else f"POST acked after {summary['post_ack_ms']:.1f} ms")
                     lat = (f"p50 {summary['p50']:.1f} ms, p99 {summary['p99']:.1f} ms, max "
                            f"{summary['max']:.1f} ms" if ok else "no latencies")
@@ -1198,7 +1206,9 @@ def peer_table(args: argparse.Namespace, report: Report) -> str:
             return "-", None
         inc = fig.get("incomplete")
         if inc is not None:
-            post = "POST unanswered" if inc["post_ack_ms"] is None else "POST answered"
+            post = ("POST answered" if inc["post_ack_ms"] is not None
+                    else "poster could not connect" if "connect" in (inc.get("post_failed") or "")
+                    else "POST unanswered")
             return f"answered {inc['delivered']} of {members}; held {inc['held']}, {post}", None
         rounds = fig["rounds"]
         if not rounds:

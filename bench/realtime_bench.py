@@ -1,7 +1,8 @@
 """Real-time delivery benchmark: thousands of parked long-polls on one hachat node (SQLite).
 
-    python -m bench.realtime_bench            # the full run (10,000 clients; a few minutes)
-    python -m bench.realtime_bench --quick    # CI smoke run (< 60 s)
+    python -m bench.realtime_bench            # the full run (10,000 clients; ~10 minutes)
+    python -m bench.realtime_bench --quick    # CI smoke run (< 90 s; < 20 s with --peers none)
+    python -m bench.realtime_bench --peers aiohttp,uvicorn   # which peer baselines (or none)
 
 What it does:
 
@@ -18,6 +19,12 @@ What it does:
    from just before the POST is written until each member's answer arrives (p50/p99/max,
    several rounds, median of the p99s); (d) connect-park-disconnect cycles: waiters and open
    connections back to baseline, and the server's RSS before and after.
+4. Peer baselines (--peers): the same load client, sizes, rounds and pinning drive small
+   long-polling broadcast servers from bench/peers/ (aiohttp; uvicorn + starlette with
+   httptools and uvloop; waitress), a fresh process per phase, phases (a)-(c) only. Every wait
+   is bounded (--peer-wait): a peer that cannot hold or answer everyone is reported with what
+   it did. A last table puts hachat and the peers side by side with the ratio hachat/peer of
+   the p99 (below 1: hachat faster).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import http.client
 import json
 import multiprocessing as mp
 import os
@@ -33,6 +41,7 @@ import shutil
 import socket
 import statistics
 import struct
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -41,9 +50,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    BENCH_DIR,
     KeepAliveHTTP,
+    ManagedProcess,
     NodeProc,
     format_table,
+    free_port,
     latency_summary,
     pinning_plan,
     raise_nofile_limit,
@@ -51,6 +63,7 @@ from bench.common import (
     read_sched_ns,
     source_revision,
     verdict,
+    wait_until_serving,
 )
 
 ADMIN_TOKEN = "bench-admin-" + os.urandom(6).hex()
@@ -227,6 +240,10 @@ class ClientWorker:
         elif kind == "close":
             _, indices, rst = cmd
             n = 0
+            if indices is None:  # everyone: also forget an arm still connecting (no "sent")
+                self.connect_queue.clear()
+                self.arm_reply_due = False
+                self.arm_outstanding = 0
             for i in (self.slots if indices is None else indices):
                 slot = self.slots[i]
                 if slot.sock is not None:
@@ -458,6 +475,7 @@ class LoadClient:
         self.samples: dict[str, tuple[float, str]] = {}  # first error answer of each kind
         self.pipes: list[Connection] = []
         self.procs = []
+        self.arm_pending: set[int] = set()  # processes whose "sent" for an arm is still due
         for w in range(processes):
             mine = {i: t for i, t in enumerate(tokens) if i % processes == w}
             parent, child = ctx.Pipe()
@@ -484,17 +502,28 @@ class LoadClient:
                 raise TimeoutError(f"client processes did not answer {kind!r} in {timeout} s")
             for pipe in wait([p for i, p in enumerate(self.pipes) if i not in replies], left):
                 msg = pipe.recv()
+                i = self.pipes.index(pipe)
+                if msg[0] == "sent" and i in self.arm_pending:
+                    self.arm_pending.discard(i)
+                    if kind != "sent":  # the late answer to an arm_async(): not this one
+                        continue
                 if msg[0] != kind:
                     raise RuntimeError(f"expected {kind!r} from a client process, got {msg[0]!r}")
-                replies[self.pipes.index(pipe)] = msg
+                replies[i] = msg
         return [replies[i] for i in range(self.n)]
 
     def arm(self, indices: list[int], since: int, timeout: float = 60.0,
             wait_seconds: float = 300.0) -> tuple[int, int]:
-        for pipe, part in zip(self.pipes, self._split(indices), strict=True):
-            pipe.send(("arm", part, since, timeout))
+        self.arm_async(indices, since, timeout)
         replies = self._gather("sent", wait_seconds)
         return sum(r[1] for r in replies), sum(r[2] for r in replies)
+
+    def arm_async(self, indices: list[int], since: int, timeout: float = 60.0) -> None:
+        """Like arm() without waiting until every request is written (a server that stops
+        accepting would keep it waiting): the "sent" answers are skipped when they come."""
+        for pipe, part in zip(self.pipes, self._split(indices), strict=True):
+            pipe.send(("arm", part, since, timeout))
+        self.arm_pending = set(range(self.n))
 
     def collect_round(self, expected_by_proc: list[int], seconds: float
                       ) -> tuple[list[tuple], int]:
@@ -520,7 +549,10 @@ class LoadClient:
         parts = self._split(indices) if indices is not None else [None] * self.n
         for pipe, part in zip(self.pipes, parts, strict=True):
             pipe.send(("close", part, rst))
-        return sum(r[1] for r in self._gather("closed", 60))
+        closed = sum(r[1] for r in self._gather("closed", 60))
+        if indices is None:  # a full close cancels any arm still due
+            self.arm_pending.clear()
+        return closed
 
     def counts(self) -> dict[str, int]:
         """Clients per state, re-arms after empty answers, and errors, over all processes."""
@@ -918,6 +950,304 @@ class Bench:
         return self.report
 
 
+# ============================================================================================
+# Peer baselines: the same load client against small long-polling servers from bench/peers/
+# ============================================================================================
+
+PEERS_DIR = BENCH_DIR / "peers"
+PEERS = ("aiohttp", "uvicorn", "waitress")
+PEER_LABELS = {"aiohttp": "aiohttp", "uvicorn": "uvicorn+starlette (httptools, uvloop)",
+               "waitress": "waitress (4 threads)"}
+# The peers' group ids (their tokens list them; see bench/peers/broadcast.py).
+PEER_GROUPS = {"small": 1, "big": 2, "lobby": 3}
+
+
+def peer_tokens(clients: int, small: int, big: int) -> list[str]:
+    """Client i's token for a peer: its groups as hachat's seeding makes them (g-small for
+    i < small, g-big for i < big, lobby for all)."""
+    tokens = []
+    for i in range(clients):
+        groups = [g for g, member in ((PEER_GROUPS["small"], i < small),
+                                      (PEER_GROUPS["big"], i < big),
+                                      (PEER_GROUPS["lobby"], True)) if member]
+        tokens.append(",".join(map(str, groups)))
+    return tokens
+
+
+class PeerServer:
+    """One peer process pinned like the node, with its GET /stats (on a side port for waitress,
+    whose request threads are all taken by waiters)."""
+
+    def __init__(self, name: str, workdir: Path, cpus: set[int] | None, serial: int) -> None:
+        self.name = name
+        self.port = free_port()
+        stats_port = self.port
+        py = sys.executable
+        if name == "aiohttp":
+            argv = [py, str(PEERS_DIR / "aiohttp_broadcast.py"), str(self.port)]
+        elif name == "uvicorn":
+            argv = [py, "-m", "uvicorn", "--app-dir", str(PEERS_DIR), "starlette_broadcast:app",
+                    "--host", "127.0.0.1", "--port", str(self.port), "--http", "httptools",
+                    "--loop", "uvloop", "--workers", "1", "--log-level", "warning",
+                    "--no-access-log"]
+        elif name == "waitress":
+            stats_port = free_port()
+            argv = [py, str(PEERS_DIR / "waitress_broadcast.py"), str(self.port),
+                    str(stats_port)]
+        else:
+            raise ValueError(f"unknown peer {name!r}")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = ManagedProcess(name, argv, cwd=workdir, cpus=cpus,
+                                   log_path=workdir / f"peer-{name}-{serial}.log")
+        self.stats_http = KeepAliveHTTP(f"http://127.0.0.1:{stats_port}", timeout=30)
+        try:
+            wait_until_serving(stats_port, "/stats", timeout=30, process=self.proc)
+        except BaseException:
+            self.proc.stop(timeout=2)
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stats(self) -> dict:
+        reply = self.stats_http.request("GET", "/stats")
+        if reply.status != 200:
+            raise RuntimeError(f"{self.name} GET /stats answered {reply.status}")
+        return reply.json()
+
+    def stop(self) -> None:
+        self.stats_http.close()
+        # No graceful shutdown: waiters of closed connections may linger until their timeout.
+        self.proc.stop(timeout=2)
+
+
+class PeerBench:
+    """Phases (a), (b) and (c) against each peer, a fresh peer process per phase (a framework
+    may keep the waiters of closed connections until their timeout; waitress keeps its threads
+    blocked). Every wait is bounded: a peer that cannot hold or answer everyone is reported
+    with what it did ("held k of N", "answered k of N"), never waited on for ever."""
+
+    def __init__(self, args: argparse.Namespace, report: Report) -> None:
+        self.args = args
+        self.report = report
+        self.bound = args.peer_wait
+        self.tokens = peer_tokens(args.clients, args.small, args.big)
+        self.figures: dict[str, dict[str, Any]] = {}
+        report.figures["peers"] = self.figures
+        self.serial = 0
+
+    # -- one peer process and its clients for one phase ------------------------------------
+    @contextlib.contextmanager
+    def peer(self, name: str):
+        self.serial += 1
+        server = PeerServer(name, self.workdir, self.server_cpus, self.serial)
+        clients = None
+        try:
+            clients = LoadClient(self.args.processes, "127.0.0.1", server.port, self.tokens,
+                                 self.client_cpus)
+            yield server, clients
+        finally:
+            if clients is not None:
+                with contextlib.suppress(Exception):
+                    clients.close()
+                clients.stop()
+            server.stop()
+
+    def park(self, server: PeerServer, clients: LoadClient, n: int) -> tuple[int, float, dict]:
+        """Send n long-polls; wait until the peer counts n waiters, or until their number has
+        not grown for `bound` seconds. (waiters held, seconds, last stats)."""
+        st = server.stats()
+        clients.arm_async(list(range(n)), st["cursor"])
+        started = last_growth = time.monotonic()
+        best = -1
+        while True:
+            st = server.stats()
+            now = time.monotonic()
+            if st["waiters"] >= n:
+                return st["waiters"], now - started, st
+            if st["waiters"] > best:
+                best, last_growth = st["waiters"], now
+            elif now - last_growth > self.bound:
+                return st["waiters"], last_growth - started, st
+            time.sleep(0.05)
+
+    # -- phases ---------------------------------------------------------------------------
+    def phase_hold(self, name: str, n: int) -> None:
+        log(f"[{name}] (a) parking {n} long-polls ...")
+        with self.peer(name) as (server, clients):
+            rss_idle = read_rss_bytes(server.pid)
+            held, seconds, st = self.park(server, clients, n)
+            time.sleep(1.0)
+            st = server.stats()
+            rss = read_rss_bytes(server.pid)
+            counts = clients.counts()
+            extra = {k: st[k] for k in ("connections", "queued") if k in st}
+            rate = f" ({n / seconds:.0f}/s)" if held >= n and seconds > 0 else ""
+            log(f"    {st['waiters']} of {n} waiting after {seconds:.1f} s{rate}; RSS "
+                f"{rss / MiB:.0f} MiB (idle {rss_idle / MiB:.0f} MiB)"
+                f"{f'; {extra}' if extra else ''}; clients {counts}")
+            self.figures[name]["hold"] = {
+                "clients": n, "waiters": st["waiters"], "park_seconds": round(seconds, 2),
+                "rss_bytes": rss, "rss_idle_bytes": rss_idle, "peer_stats": st,
+                "client_counts": counts}
+
+    def phase_delivery(self, name: str, group: int, members: int) -> None:
+        rounds = self.args.rounds
+        log(f"[{name}] delivery to {members} waiting members, {rounds} rounds ...")
+        indices = list(range(members))
+        per_round: list[dict[str, Any]] = []
+        incomplete: dict[str, Any] | None = None
+        with self.peer(name) as (server, clients):
+            expected = clients.expected_by_proc(indices)
+            poster = KeepAliveHTTP(server.url, timeout=self.bound)
+            try:
+                for r in range(-1, rounds):
+                    held, _, st = self.park(server, clients, members)
+                    time.sleep(0.5)
+                    stale, _ = clients.collect_round([0] * clients.n, 0)
+                    cursor = server.stats()["cursor"]
+                    poster.close()  # a fresh connection: some peers drop idle ones in 5 s
+                    post_failed = "POST not answered"
+                    try:  # outside the timing, like hachat's open keep-alive connection
+                        poster.connect()
+                        connected = True
+                    except OSError:  # e.g. a full accept queue: the SYN is dropped
+                        post_failed = "the poster could not connect"
+                        connected = False
+                    t0 = time.monotonic()
+                    t0_real = time.time()
+                    message_id = cursor + 1  # a peer numbers messages and events alike
+                    try:
+                        if not connected:
+                            raise ConnectionRefusedError(post_failed)
+                        reply = poster.request(
+                            "POST", "/messages",
+                            {"groupId": group, "content": f"round {r} to {members}"},
+                            token=str(group))
+                        t_ack: float | None = time.monotonic()
+                        if reply.status != 201:
+                            raise RuntimeError(f"{name} POST /messages answered "
+                                               f"{reply.status}: {reply.body[:200]!r}")
+                        message_id = reply.json()["id"]
+                    except (OSError, http.client.HTTPException):
+                        t_ack = None
+                        poster.close()
+                    results, still_waiting = clients.collect_round(expected, self.bound)
+                    ok = [x for x in results if x[2] == 200 and x[4] >= 1 and x[5] == message_id]
+                    summary = latency_summary(x[1] - t0 for x in ok)
+                    kernel = latency_summary(x[6] - t0_real for x in ok if x[6] > 0)
+                    summary.update({f"kernel_{k}": v for k, v in kernel.items()})
+                    summary.update({
+                        "held": held, "delivered": len(ok), "bad": len(results) - len(ok),
+                        "stale": len(stale),
+                        "post_ack_ms": None if t_ack is None else round((t_ack - t0) * 1000, 2),
+                        "post_failed": None if t_ack is not None else post_failed})
+                    ack = (f"{post_failed} in {self.bound:g} s" if t_ack is None
+                           else f"POST acked after {summary['post_ack_ms']:.1f} ms")
+                    lat = (f"p50 {summary['p50']:.1f} ms, p99 {summary['p99']:.1f} ms, max "
+                           f"{summary['max']:.1f} ms" if ok else "no latencies")
+                    log(f"    {'warm-up' if r < 0 else f'round {r + 1}'}: held {held}, "
+                        f"answered {len(ok)} of {members}"
+                        f"{f', bad {len(results) - len(ok)}' if len(results) > len(ok) else ''}"
+                        f"{f', still waiting {still_waiting}' if still_waiting else ''}; "
+                        f"{lat}; {ack}"
+                        f"{f'; peer {st}' if held < members else ''}")
+                    if len(ok) < members:
+                        incomplete = {"round": r + 1, **summary, "peer_stats": st}
+                        break  # its waiters are stuck or gone: further rounds say no more
+                    if r >= 0:
+                        per_round.append(summary)
+            finally:
+                poster.close()
+        fig: dict[str, Any] = {"members": members, "rounds": per_round, "incomplete": incomplete}
+        if per_round and incomplete is None:
+            for k in ("p50", "p99", "max", "kernel_p99"):
+                fig[f"median_{k}_ms"] = statistics.median(s[k] for s in per_round)
+        self.figures[name][f"delivery_{members}"] = fig
+
+    def run(self) -> None:
+        a = self.args
+        self.workdir = Path(tempfile.mkdtemp(prefix="hachat-rt-peers-"))
+        raise_nofile_limit()
+        self.server_cpus, self.client_cpus = pinning_plan() if a.pin else (None, None)
+        if self.client_cpus:
+            os.sched_setaffinity(0, self.client_cpus)
+        try:
+            for name in a.peers:
+                self.figures[name] = {}
+                phases = {
+                    "a": lambda n=name: self.phase_hold(n, a.clients),
+                    "b": lambda n=name: self.phase_delivery(n, PEER_GROUPS["small"], a.small),
+                    "c": lambda n=name: self.phase_delivery(n, PEER_GROUPS["big"], a.big),
+                }
+                for phase in a.phases:
+                    if phase not in phases:
+                        continue  # (d) is hachat's own clean-up check
+                    try:
+                        phases[phase]()
+                    except (TimeoutError, RuntimeError, OSError) as exc:
+                        log(f"    [{name}] phase ({phase}) failed: {exc}")
+                        self.figures[name][f"error_{phase}"] = str(exc)
+        finally:
+            if a.keep:
+                log(f"kept {self.workdir}")
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def peer_table(args: argparse.Namespace, report: Report) -> str:
+    """hachat and each peer side by side: (a) held and RSS, (b)/(c) the medians over the
+    rounds of p50 / p99 / max, and the p99 ratio hachat / peer."""
+    figs = report.figures
+
+    def delivery(fig: dict | None, members: int) -> tuple[str, float | None]:
+        if not fig:
+            return "-", None
+        inc = fig.get("incomplete")
+        if inc is not None:
+            post = ("POST answered" if inc["post_ack_ms"] is not None
+                    else "poster could not connect" if "connect" in (inc.get("post_failed") or "")
+                    else "POST unanswered")
+            return f"answered {inc['delivered']} of {members}; held {inc['held']}, {post}", None
+        rounds = fig["rounds"]
+        if not rounds:
+            return "-", None
+        p50, p99, mx = (statistics.median(s[k] for s in rounds) for k in ("p50", "p99", "max"))
+        return f"{p50:.1f} / {p99:.1f} / {mx:.1f}", p99
+
+    def ratio(ours: float | None, theirs: float | None) -> str:
+        if ours is None or theirs is None or theirs <= 0:
+            return "-"
+        return f"{ours / theirs:.2f}"
+
+    hold = figs.get("hold")
+    hachat = {
+        "held": f"{hold['hub_waiters']} of {hold['clients']}" if hold else "-",
+        "rss": hold["rss_bytes"] if hold else None,
+        "b": delivery(figs.get(f"delivery_{args.small}"), args.small),
+        "c": delivery(figs.get(f"delivery_{args.big}"), args.big),
+    }
+    rows = [("hachat", hachat["held"],
+             f"{hachat['rss'] / MiB:.0f} MiB" if hachat["rss"] else "-",
+             hachat["b"][0], "1.00" if hachat["b"][1] else "-",
+             hachat["c"][0], "1.00" if hachat["c"][1] else "-")]
+    for name, fig in figs.get("peers", {}).items():
+        h = fig.get("hold")
+        b = delivery(fig.get(f"delivery_{args.small}"), args.small)
+        c = delivery(fig.get(f"delivery_{args.big}"), args.big)
+        queued = h["peer_stats"].get("queued") if h else None
+        rows.append((PEER_LABELS[name],
+                     (f"{h['waiters']} of {h['clients']}"
+                      + (f"; {queued} queued" if queued else "")) if h else "-",
+                     f"{h['rss_bytes'] / MiB:.0f} MiB" if h else "-",
+                     b[0], ratio(hachat["b"][1], b[1]), c[0], ratio(hachat["c"][1], c[1])))
+    head = ("server", "(a) held", "RSS held",
+            f"(b) {args.small} members p50/p99/max ms", "p99 hachat/peer",
+            f"(c) {args.big} members p50/p99/max ms", "p99 hachat/peer")
+    return format_table(head, rows)
+
+
 def role_changes(log_path: Path) -> list[str]:
     """The node's role transitions after its start decision (lines `role a -> b ...`)."""
     try:
@@ -935,7 +1265,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.realtime_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="CI smoke run: 500 clients, groups of 200 and 500, 1,000 cycles, 3 rounds")
+                   help="CI smoke run: 500 clients, groups of 200 and 500, 1,000 cycles, "
+                        "3 rounds (the peers too, with --peer-wait 3)")
     p.add_argument("--clients", type=int, help="waiting clients in (a) (default 10000)")
     p.add_argument("--small", type=int, help="members of the group in (b) (default 1000)")
     p.add_argument("--big", type=int, help="members of the group in (c) (default 5000)")
@@ -948,6 +1279,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: on when two CPUs are usable)")
     p.add_argument("--phases", default="abcd",
                    help="which phases to run, in order (default abcd)")
+    p.add_argument("--peers", default="all",
+                   help="peer baselines to run after hachat with the same load and sizes, "
+                        "comma-separated from " + ",".join(PEERS) + "; 'all' (default) or "
+                        "'none'")
+    p.add_argument("--peer-wait", type=float,
+                   help="seconds a peer may go without parking one more waiter, answering "
+                        "the POST or answering the waiters before it is reported with what "
+                        "it did (default 10; 3 with --quick)")
     p.add_argument("--json", metavar="FILE", help="also write every figure as JSON to FILE")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = p.parse_args(argv)
@@ -958,6 +1297,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, value)
     if not (0 < args.small <= args.big <= args.clients):
         p.error("need 0 < --small <= --big <= --clients")
+    if args.peer_wait is None:
+        args.peer_wait = 3.0 if args.quick else 10.0
+    names = [n.strip() for n in args.peers.split(",") if n.strip()]
+    if names == ["all"]:
+        names = list(PEERS)
+    elif names == ["none"]:
+        names = []
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        p.error(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    args.peers = tuple(dict.fromkeys(names))
     return args
 
 
@@ -965,6 +1315,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     report = Bench(args).run()
+    if args.peers:
+        PeerBench(args, report).run()
     elapsed = time.monotonic() - started
     cpus = report.figures.get("cpus", {})
     pinned = (f"server pinned to CPU {sorted(cpus['server'])}, clients to "
@@ -974,6 +1326,14 @@ def main(argv: list[str] | None = None) -> int:
              f"{time.strftime('%Y-%m-%d %H:%M')}, {elapsed:.0f} s, src {source_revision()}")
     print(title)
     print(format_table(("measure", "value", "target", "verdict"), report.rows))
+    if args.peers:
+        print()
+        print(f"Peers: the same load client, sizes and pinning; p50/p99/max are medians over "
+              f"the {args.rounds} rounds. p99 hachat/peer = hachat's p99 divided by the "
+              f"peer's: below 1 hachat answered faster, above 1 slower (lower is better for "
+              f"hachat). A peer that could not hold or answer everyone within "
+              f"{args.peer_wait:g} s is shown with what it did, without a ratio.")
+        print(peer_table(args, report))
     failed = [r for r in report.rows if r[3] == "FAIL"]
     if args.json:
         Path(args.json).write_text(json.dumps(

@@ -69,14 +69,32 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
+class StartupError(Exception):
+    """Start-up cannot go on; the message (one line) says what is wrong and what to do."""
+
+
+def _started(build):
+    """Run a start-up step; anything unexpected becomes a one-line `StartupError` (the
+    traceback is logged at DEBUG level)."""
+    from hachat.app import StartupError as AppStartupError
+
+    try:
+        return build()
+    except AppStartupError as exc:
+        raise StartupError(str(exc)) from exc
+    except Exception as exc:
+        raise StartupError(f"could not start: {type(exc).__name__}: {exc} "
+                           "(LOG_LEVEL=DEBUG shows the traceback)") from exc
+
+
 def serve() -> int:
     from hachat.app import HachatNode
 
     settings = load_settings()
     configure_logging(settings.log_level)
     raise_open_file_limit(settings.http.max_connections + 256)
-    node = HachatNode(settings)
-    host, port = node.start()
+    node = _started(lambda: HachatNode(settings))
+    host, port = _started(node.start)
     tune_garbage_collector()
     log.info("hachat node %s listening on http://%s:%d (database %s, peer %s)",
              settings.cluster.node_id, host, port, mask_url(settings.database_url),
@@ -99,11 +117,27 @@ def serve() -> int:
 
 
 def db_upgrade() -> int:
+    from hachat.app import StartupError as AppStartupError
+    from hachat.app import database_problem
     from hachat.store.db import Database
 
     settings = load_settings()
     configure_logging(settings.log_level)
-    Database(settings.database_url).upgrade()
+
+    def upgrade() -> None:
+        try:
+            db = Database(settings.database_url)
+        except (OSError, ValueError) as exc:
+            raise AppStartupError(f"DATABASE_URL {mask_url(settings.database_url)}: "
+                                  f"{exc}") from exc
+        try:
+            db.upgrade()
+        except Exception as exc:
+            raise AppStartupError(database_problem(exc, settings.database_url)) from exc
+        finally:
+            db.dispose()
+
+    _started(upgrade)
     print(f"database schema is up to date: {mask_url(settings.database_url)}")
     return 0
 
@@ -135,6 +169,18 @@ def cluster(ports: tuple[int, int]) -> int:
     return 0 if all(code == 0 for code in codes) else 1
 
 
+def port_pair(text: str) -> tuple[int, int]:
+    """`--ports 8080,8081`: two different ports, 1-65535."""
+    try:
+        a, b = (int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"two ports separated by a comma, such as 8080,8081, "
+                                         f"not {text!r}") from None
+    if not (0 < a < 65536 and 0 < b < 65536) or a == b:
+        raise argparse.ArgumentTypeError(f"two different ports between 1 and 65535, not {text!r}")
+    return a, b
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hachat", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -142,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     db = sub.add_parser("db", help="database schema")
     db.add_argument("action", choices=["upgrade"])
     cl = sub.add_parser("cluster", help="run an active/passive pair on one machine")
-    cl.add_argument("--ports", default="8080,8081", help="two ports, active first")
+    cl.add_argument("--ports", type=port_pair, default=(8080, 8081),
+                    help="two ports, active first (default 8080,8081)")
     args = parser.parse_args(argv)
     try:
         if args.command in (None, "serve"):
@@ -150,11 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "db":
             return db_upgrade()
         if args.command == "cluster":
-            a, b = (int(p) for p in args.ports.split(","))
-            return cluster((a, b))
+            return cluster(args.ports)
     except SettingsError as exc:
         print(f"hachat: bad setting: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        log.debug("start-up failed", exc_info=True)
+        print(f"hachat: {exc}", file=sys.stderr)
+        return 1
     parser.print_help()
     return 2
 

@@ -32,18 +32,30 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in auth else f"{scheme}://{user}@{host}"
 
 
-def raise_open_file_limit(wanted: int) -> None:
-    """Each connection is a file descriptor: lift the soft limit toward the hard one."""
+# File descriptors a node uses besides its connections: database pools, the listener, logs.
+SPARE_FILES = 256
+
+
+def raise_open_file_limit(max_connections: int) -> None:
+    """Each connection is a file descriptor: lift the soft limit toward what MAX_CONNECTIONS
+    needs (as far as the hard limit allows), and warn only when the limit stays below the
+    configured connections themselves."""
     try:
         import resource
     except ImportError:  # not on this platform
         return
+    wanted = max_connections + SPARE_FILES
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    if target < wanted:
-        log.warning("open files are limited to %d: fewer than MAX_CONNECTIONS", target)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as exc:
+            log.debug("could not raise the open-files limit to %d: %s", target, exc)
+    if soft != resource.RLIM_INFINITY and soft < max_connections:
+        log.warning("open files are limited to %d, fewer than MAX_CONNECTIONS=%d: raise the "
+                    "limit (ulimit -n) or lower MAX_CONNECTIONS", soft, max_connections)
 
 
 # Net allocations of tracked objects between two passes over the youngest generation (the
@@ -92,7 +104,7 @@ def serve() -> int:
 
     settings = load_settings()
     configure_logging(settings.log_level)
-    raise_open_file_limit(settings.http.max_connections + 256)
+    raise_open_file_limit(settings.http.max_connections)
     node = _started(lambda: HachatNode(settings))
     host, port = _started(node.start)
     tune_garbage_collector()

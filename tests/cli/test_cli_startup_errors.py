@@ -58,8 +58,9 @@ def busy_port():
 
 @pytest.mark.parametrize("command", ["module", "main.py"])
 def test_port_already_in_use(tmp_path, busy_port, command):
-    done = run(tmp_path, (command,), PORT=str(busy_port))
-    one_line_error(done, "already in use", str(busy_port), "PORT", code=1)
+    done = run(tmp_path, (command,), PORT=str(busy_port), MAX_CONNECTIONS="1000")
+    message = one_line_error(done, "already in use", str(busy_port), "PORT", code=1)
+    assert done.stderr.strip() == message  # nothing else at LOG_LEVEL=WARNING
 
 
 def test_port_in_use_shows_the_traceback_at_debug_level(tmp_path, busy_port):

@@ -155,28 +155,80 @@ def db_upgrade() -> int:
 
 
 def cluster(ports: tuple[int, int]) -> int:
-    """Run an active and a passive node on two ports sharing one database."""
+    """Run an active and a passive node on two ports sharing one database; say where they are
+    once both answer (the first one active), or stop both if either cannot start."""
+    from hachat.cluster.monitor import PeerUnreachable, fetch_health
+
     first, second = ports
-    children: list[subprocess.Popen] = []
-    base = dict(os.environ)
     settings = load_settings()  # also loads .env, so both nodes share its DATABASE settings
+    base = dict(os.environ)
     base.setdefault("DATABASE_URL", settings.database_url)
-    for port, peer, active in ((first, second, "true"), (second, first, "false")):
-        env = dict(base, PORT=str(port), IS_ACTIVE=active, PEER_URL=f"http://127.0.0.1:{peer}",
-                   NODE_ID=f"node-{port}", PUBLIC_URL=f"http://127.0.0.1:{port}")
-        children.append(subprocess.Popen([sys.executable, "-m", "hachat", "serve"], env=env))
-        if active == "true":
-            time.sleep(1.0)  # let the first node take the lease so roles match IS_ACTIVE
-    print(f"hachat cluster: active on :{first}, passive on :{second}; Ctrl-C stops both",
-          flush=True)
+    timing = settings.cluster
+    # A lease left in the database by a node that died is free after one TTL; the first node
+    # takes it once its not yet started peer has failed its health checks.
+    takeover = 2 * timing.lease_ttl + timing.health_interval * timing.health_failures + 2.0
+    children: list[subprocess.Popen] = []
+    stopping = threading.Event()
 
     def stop_children(*_args) -> None:
+        stopping.set()
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop_children)
     signal.signal(signal.SIGINT, stop_children)
+
+    def url(port: int) -> str:
+        return f"http://127.0.0.1:{port}"
+
+    def health(child: subprocess.Popen, port: int, *, active: bool,
+               timeout: float) -> dict | None:
+        """The node's /health once it answers (and, with `active`, says it is active, or
+        `timeout` passed); None if it exited or we are stopping."""
+        deadline = time.monotonic() + timeout
+        report = None
+        while not stopping.is_set() and child.poll() is None:
+            try:
+                report = fetch_health(url(port), 1.0)
+            except PeerUnreachable:
+                report = None
+            if report is not None and (report.get("active") or not active):
+                return report
+            if time.monotonic() >= deadline:
+                return report
+            time.sleep(0.05)
+        return None
+
+    reports: list[dict | None] = []
+    for port, peer, active in ((first, second, "true"), (second, first, "false")):
+        env = dict(base, PORT=str(port), IS_ACTIVE=active, PEER_URL=url(peer),
+                   NODE_ID=f"node-{port}", PUBLIC_URL=url(port))
+        child = subprocess.Popen([sys.executable, "-m", "hachat", "serve"], env=env)
+        children.append(child)
+        report = health(child, port, active=False, timeout=60.0)
+        if report is not None and active == "true":
+            # Start the passive only once the first node holds the lease, so roles match.
+            report = health(child, port, active=True, timeout=takeover)
+        reports.append(report)
+        if report is None:
+            break
+    if len(reports) == 2 and all(reports):
+        roles = ", ".join(f"{'active' if r.get('active') else r.get('role')} {url(p)}"
+                          for p, r in zip(ports, reports, strict=True) if r)
+        print(f"hachat cluster: {roles}; database {mask_url(base['DATABASE_URL'])}; "
+              "Ctrl-C stops both", flush=True)
+    elif not stopping.is_set():
+        failed = ports[len(reports) - 1]
+        child = children[-1]
+        status = child.poll()
+        why = f"exited with status {status}" if status is not None else "did not answer"
+        print(f"hachat: cluster: the node on port {failed} {why} at start-up (see above); "
+              "stopping", file=sys.stderr, flush=True)
+        stop_children()
+        for child in children:
+            child.wait()
+        return 1
     codes = [child.wait() for child in children]
     return 0 if all(code == 0 for code in codes) else 1
 

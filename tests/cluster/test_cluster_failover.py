@@ -330,10 +330,10 @@ def test_fall_hands_over_at_once_and_revive_does_not_preempt(cluster):
                            ("fallen", "passive", "revive")]
 
 
-# After /revive a node leaves a lease it gave up to a live peer for a while (no preemption),
-# but a free lease must never sit untaken for that whole hold-off: the revived node yields only
-# as long as a live peer needs to take it (one health check to see the fall, one renew tick to
-# read the lease), and never to a peer that is down or is holding off itself.
+# After /revive a node leaves the lease it gave up to a live peer for a moment (no
+# preemption), but a free lease must never sit untaken for a long hold-off: a lease someone
+# else gave up, or any lease when the peer is down, is taken within one health check and one
+# renew tick; the node's own lease only after a short grace if the live peer does not take it.
 GAP_BOUND = HEALTH + RENEW + 0.35
 
 
@@ -379,9 +379,9 @@ def test_the_active_falls_while_the_passive_is_in_its_revive_hold_off(cluster):
 
 
 def test_quick_fall_and_revive_of_both_leaves_the_lease_to_nobody_for_long(cluster):
-    """The active falls and revives at once while the passive is itself just revived: both
-    yield to a live peer at first, so the yield must end after one health check and one
-    renew tick, not after the hold-off."""
+    """The active falls and revives at once while the passive has itself just fallen and
+    revived: B gave no lease up, so it takes A's released one within one health check and one
+    renew tick, and A yields it to B."""
     a, b = pair(cluster)
     b.keeper.fall()
     b.keeper.revive()
@@ -391,7 +391,7 @@ def test_quick_fall_and_revive_of_both_leaves_the_lease_to_nobody_for_long(clust
     a.keeper.revive()
     _, took = first_active(a, b, timeout=5)
     print(f"no active node for {took:.2f}s")
-    assert took < GAP_BOUND + RENEW, (took, a.reasons(), b.reasons())
+    assert took < GAP_BOUND, (took, a.reasons(), b.reasons())
     assert time.monotonic() - started < 5
 
 
@@ -405,7 +405,8 @@ def test_a_revived_node_yields_its_lease_only_as_long_as_a_live_peer_needs(clust
     a.keeper.revive()
     took = a.wait_role(Role.ACTIVE, timeout=5)
     print(f"retook its own lease after {took:.2f}s")
-    assert a.keeper.peer_grace - 0.05 < time.monotonic() - started < GAP_BOUND, a.reasons()
+    assert a.keeper.peer_grace - 0.05 < time.monotonic() - started \
+        < a.keeper.peer_grace + RENEW + 0.35, a.reasons()
     b.db.fail = False
     stays(b, Role.PASSIVE, 0.5)
 

@@ -56,9 +56,10 @@ class LeaseKeeper:
         self.renew_interval = settings.lease_renew_interval
         self.safety_margin = min(self.renew_interval, self.ttl / 4)
         # No preemption: the lease this node gave up on /fall is left to a live peer for this
-        # long after the release (one health check to see the fall, one renew tick to read the
-        # lease and take it). Free for longer, the peer is not taking it: this node may.
-        self.peer_grace = settings.health_interval + self.renew_interval
+        # long after the release: twice what the peer needs (one health check to see the fall,
+        # one renew tick to read the lease and take it), so a peer slowed by a busy machine
+        # still wins. Free for longer, the peer is not taking it: this node may.
+        self.peer_grace = 2 * (settings.health_interval + self.renew_interval)
         self._given_up_epoch: int | None = None
         self._wake = threading.Event()
         self._stopping = threading.Event()

@@ -45,7 +45,11 @@ def main() -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    db = Database(settings.database_url, pool_size=1)
+    try:
+        db = Database(settings.database_url, pool_size=1)
+    except (OSError, ValueError) as exc:  # e.g. the SQLite file's folder cannot be made
+        print(f"error: cannot use {mask_url(settings.database_url)}: {exc}", file=sys.stderr)
+        return 1
     try:
         db.upgrade()
         revision = db.schema_revision()

@@ -6,11 +6,16 @@ and role changes flow back out through listeners registered here.
 
 from __future__ import annotations
 
+import errno
 import logging
 import mimetypes
+import socket
 import threading
 import time
 from importlib import resources
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
 
 from hachat.api.auth import Authenticator
 from hachat.api.context import ApiContext
@@ -28,13 +33,68 @@ from hachat.http.server import HTTPServer
 from hachat.realtime.hub import EventHub
 from hachat.realtime.status import StatusWatch
 from hachat.settings import Settings
-from hachat.store import StoreError
+from hachat.store import StoreError, StoreUnavailable
 from hachat.store import chat as chat_store
 from hachat.store import events as event_store
-from hachat.store.db import Database
+from hachat.store.db import Database, mask_url
 from hachat.store.lease import assert_holder
 
 log = logging.getLogger("hachat")
+
+
+class StartupError(Exception):
+    """The node cannot start. The message, one line, says what is wrong and what to do."""
+
+
+# The server refused us for good (no such database, no such user, wrong password): waiting
+# will not help, so start-up gives up at once instead of retrying.
+_REFUSED_FOR_GOOD = ("does not exist", "authentication failed", "no pg_hba.conf entry")
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    return any(words in str(exc) for words in _REFUSED_FOR_GOOD)
+
+
+def database_problem(exc: BaseException, url: str) -> str:
+    """One line for a database that cannot be used at start-up: what is wrong, what to do."""
+    target = make_url(url)
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if target.get_backend_name() == "sqlite":
+        return (f"cannot use the SQLite database {target.database}: {reason.split(': ')[-1]}; "
+                "check DATABASE_URL and the file's permissions")
+    where = f"{target.host or 'localhost'}:{target.port or 5432}"
+    detail = reason.rsplit("failed: ", 1)[-1].replace("FATAL:  ", "").strip()
+    name = target.database or "postgres"
+    if "does not exist" in detail and detail.startswith("database"):
+        return (f"the PostgreSQL database {name!r} does not exist on {where}: create it "
+                f"(createdb -h {target.host or 'localhost'} -p {target.port or 5432} "
+                f"-U {target.username or 'postgres'} {name}, or CREATE DATABASE {name}) "
+                "or fix DATABASE_URL")
+    if "authentication failed" in detail or detail.startswith("role"):
+        return (f"PostgreSQL on {where} refused the login ({detail}): fix the user or password "
+                "in DATABASE_URL (or DB_USER / DB_PASSWORD)")
+    if isinstance(exc, StoreUnavailable):
+        return (f"cannot connect to the database at {where} ({detail}): is PostgreSQL running "
+                "there? Check DATABASE_URL (or DB_HOST / DB_PORT)")
+    return f"database error at start-up ({mask_url(url)}): {reason}"
+
+
+def listen_problem(exc: OSError, host: str, port: int) -> str:
+    """One line for a listening socket that cannot be opened: what is wrong, what to do."""
+    where = f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        return (f"cannot listen on {where}: the host name {host!r} does not resolve; set HOST "
+                "to an address of this machine (127.0.0.1, or 0.0.0.0 for every interface)")
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {where}: the address is already in use (another hachat node "
+                "or program listens there); stop it or set PORT to a free port")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (f"cannot listen on {where}: permission denied (ports below 1024 need "
+                "privileges); set PORT to 1024 or above")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"cannot listen on {where}: {host} is not an address of this machine; set HOST "
+                "to one of its addresses (127.0.0.1, or 0.0.0.0 for every interface)")
+    return f"cannot listen on {where}: {exc.strerror or exc}; check HOST and PORT"
 
 
 def load_static_files() -> dict[str, tuple[bytes, str]]:
@@ -59,8 +119,16 @@ class HachatNode:
         self.settings = settings
         # A paused process must not keep the lease row locked past the lease itself: its open
         # transaction is ended by the server after about one lease term of silence.
-        self.db = Database(settings.database_url, pool_size=settings.db_pool_size,
-                           idle_in_transaction_timeout=max(1.0, settings.cluster.lease_ttl))
+        try:
+            self.db = Database(settings.database_url, pool_size=settings.db_pool_size,
+                               idle_in_transaction_timeout=max(1.0, settings.cluster.lease_ttl))
+        except OSError as exc:  # the SQLite file's folder cannot be made
+            raise StartupError(f"cannot create the SQLite database "
+                               f"{make_url(settings.database_url).database}: "
+                               f"{exc.strerror or exc} ({exc.filename}); check DATABASE_URL "
+                               "and the folder's permissions") from exc
+        except (ValueError, sa_exc.ArgumentError) as exc:
+            raise StartupError(f"DATABASE_URL: {exc}") from exc
         self.node = Node(settings.cluster)
         self.server = HTTPServer(self, settings.http)
         self.hub = EventHub(self.server.loop)
@@ -128,15 +196,28 @@ class HachatNode:
                 self.db.upgrade()
                 return
             except Exception as exc:
-                if attempt == attempts:
+                if attempt == attempts or refused_for_good(exc):
                     raise
-                log.warning("schema upgrade attempt %d failed (%s); retrying", attempt, exc)
+                log.warning("schema upgrade attempt %d of %d failed (%s); retrying", attempt,
+                            attempts, exc)
                 time.sleep(0.3 * attempt)
 
     def start(self) -> tuple[str, int]:
-        """Migrate, bind, start the cluster threads. Returns the bound address."""
-        self.upgrade_schema()
-        address = self.server.bind()
+        """Migrate, bind, start the cluster threads. Returns the bound address.
+
+        Raises `StartupError` when the database cannot be used or the address cannot be
+        listened on (nothing is left running then)."""
+        try:
+            self.upgrade_schema()
+        except (StoreError, sa_exc.SQLAlchemyError, OSError) as exc:
+            self.db.dispose()
+            raise StartupError(database_problem(exc, self.settings.database_url)) from exc
+        try:
+            address = self.server.bind()
+        except OSError as exc:
+            self.db.dispose()
+            http = self.settings.http
+            raise StartupError(listen_problem(exc, http.host, http.port)) from exc
         self.monitor.start()
         self.committer.start()
         self.keeper.start()

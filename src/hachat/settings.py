@@ -11,7 +11,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 
 class SettingsError(ValueError):
@@ -86,23 +86,66 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name} must be true or false, not {raw!r}")
 
 
-def _number(env: Mapping[str, str], name: str, default, kind=float, minimum=None):
+def _number(env: Mapping[str, str], name: str, default, kind=float, minimum=None,
+            maximum=None):
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
         value = kind(raw.strip())
     except ValueError:
-        raise SettingsError(f"{name} must be a {kind.__name__}, not {raw!r}") from None
+        what = "a whole number" if kind is int else "a number"
+        raise SettingsError(f"{name} must be {what}, not {raw!r}") from None
     if minimum is not None and value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, not {raw!r}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name} must be at most {maximum}, not {raw!r}")
     return value
+
+
+def _http_url(env: Mapping[str, str], name: str) -> str | None:
+    """An http(s)://host[:port][/path] URL without its trailing slash, or None when empty."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        parts = urlsplit(raw)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # a port out of range or not a number raises ValueError
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SettingsError(f"{name} must be an http:// or https:// URL such as "
+                            f"http://localhost:8081, not {raw!r}")
+    return raw.rstrip("/")
+
+
+SUPPORTED_DATABASES = ("sqlite", "postgresql", "postgres")
+
+
+def _check_database_url(url: str, name: str) -> str:
+    """Refuse, with a message naming `name`, a URL hachat cannot use; return it unchanged."""
+    scheme, sep, rest = url.partition("://")
+    backend = scheme.split("+", 1)[0].lower()
+    if not sep or not scheme:
+        raise SettingsError(f"{name} must be a database URL such as sqlite:///data/hachat.db "
+                            f"or postgresql://user@host:5432/hachat, not {url!r}")
+    if backend not in SUPPORTED_DATABASES:
+        raise SettingsError(f"{name}: hachat supports sqlite and postgresql, not {scheme!r} "
+                            "(e.g. postgresql://user@host:5432/hachat)")
+    if backend == "sqlite":
+        path = rest.split("?", 1)[0]
+        if path in ("", "/", "/:memory:") or "mode=memory" in rest:
+            raise SettingsError(f"{name} must name a SQLite file (two connections share it), "
+                                f"e.g. sqlite:///data/hachat.db, not {url!r}")
+    return url
 
 
 def database_url_from(env: Mapping[str, str], base_dir: Path) -> str:
     """DATABASE_URL wins; else the original DB_* variables name PostgreSQL; else SQLite."""
     url = (env.get("DATABASE_URL") or "").strip()
     if url:
+        _check_database_url(url, "DATABASE_URL")
         for prefix in ("postgres://", "postgresql://"):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url[len(prefix):]
@@ -112,7 +155,7 @@ def database_url_from(env: Mapping[str, str], base_dir: Path) -> str:
         password = env.get("DB_PASSWORD", "")
         auth = f"{user}:{quote(password, safe='')}" if password else user
         host = env.get("DB_HOST", "localhost")
-        port = env.get("DB_PORT", "5432")
+        port = _number(env, "DB_PORT", 5432, int, 1, 65535)
         name = env.get("DB_NAME", "hachat")
         return f"postgresql+psycopg://{auth}@{host}:{port}/{name}"
     return f"sqlite:///{base_dir / 'data' / 'hachat.db'}"
@@ -128,7 +171,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True,
             load_dotenv(Path.cwd() / ".env", override=False)
         env = os.environ
     base = base_dir or Path.cwd()
-    port = _number(env, "PORT", 8080, int, 0)
+    port = _number(env, "PORT", 8080, int, 0, 65535)
     host = env.get("HOST", "127.0.0.1")
     advertised_host = "localhost" if host in ("0.0.0.0", "::", "") else host
     http = HTTPSettings(
@@ -147,11 +190,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True,
         # listener, the poller.
         fd_reserve=64 + 6 * _number(env, "DB_POOL_SIZE", 16, int, 1),
     )
-    peer = (env.get("PEER_URL") or "").strip().rstrip("/") or None
+    peer = _http_url(env, "PEER_URL")
     cluster = ClusterSettings(
         node_id=(env.get("NODE_ID") or "").strip() or f"{socket.gethostname()}:{port}",
-        public_url=((env.get("PUBLIC_URL") or "").strip().rstrip("/")
-                    or f"http://{advertised_host}:{port}"),
+        public_url=_http_url(env, "PUBLIC_URL") or f"http://{advertised_host}:{port}",
         is_active=_bool(env, "IS_ACTIVE", True),
         peer_url=peer,
         health_interval=_number(env, "HEALTH_INTERVAL", 0.5, float, 0.01),

@@ -51,6 +51,77 @@ def test_cluster_runs_a_pair_and_stops_on_ctrl_c(tmp_path):
             pass
 
 
+def _port_answers(port: int) -> bool:
+    try:
+        call(f"http://127.0.0.1:{port}", "GET", "/health", timeout=1)
+        return True
+    except OSError:
+        return False
+
+
+def test_cluster_says_where_the_active_and_passive_nodes_are_once_they_are(tmp_path):
+    a, b = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hachat", "cluster", "--ports", f"{a},{b}"],
+                            env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        # Printed only once true: both answer now, the first active, the second passive.
+        health = [call(f"http://127.0.0.1:{p}", "GET", "/health", timeout=2).json for p in (a, b)]
+        assert health[0]["active"] is True and health[1]["role"] == "passive", (line, health)
+        assert f"active http://127.0.0.1:{a}" in line and f"passive http://127.0.0.1:{b}" in line
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_cluster_waits_out_a_lease_left_by_a_killed_node(tmp_path):
+    """A node of an earlier run, killed -9, still holds the lease in the shared database for
+    one TTL: the first node of the pair must still end up the active one, as printed."""
+    env = _env(tmp_path)
+    old_port = free_port()
+    old = subprocess.Popen([sys.executable, "-m", "hachat", "serve"],
+                           env={**env, "PORT": str(old_port), "NODE_ID": "earlier-run"},
+                           cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not _port_answers(old_port):
+        assert time.monotonic() < deadline and old.poll() is None
+        time.sleep(0.05)
+    old.kill()
+    old.wait(10)
+    a, b = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hachat", "cluster", "--ports", f"{a},{b}"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        health = [call(f"http://127.0.0.1:{p}", "GET", "/health", timeout=2).json for p in (a, b)]
+        assert [h["active"] for h in health] == [True, False], (line, health)
+        assert f"active http://127.0.0.1:{a}" in line, line
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
+def test_cluster_stops_at_once_when_a_node_cannot_start(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        other = free_port()
+        done = subprocess.run([sys.executable, "-m", "hachat", "cluster", "--ports",
+                               f"{other},{taken}"], env=_env(tmp_path), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "already in use" in done.stderr
+    assert "active" not in done.stdout  # never claimed the pair was up
+    assert not _port_answers(other)  # the node that did start was stopped
+
+
 def test_db_upgrade_commands(tmp_path):
     env = _env(tmp_path)
     done = subprocess.run([sys.executable, "-m", "hachat", "db", "upgrade"], env=env,

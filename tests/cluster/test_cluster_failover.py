@@ -330,6 +330,87 @@ def test_fall_hands_over_at_once_and_revive_does_not_preempt(cluster):
                            ("fallen", "passive", "revive")]
 
 
+# After /revive a node leaves the lease it gave up to a live peer for a moment (no
+# preemption), but a free lease must never sit untaken for a long hold-off: a lease someone
+# else gave up, or any lease when the peer is down, is taken within one health check and one
+# renew tick; the node's own lease only after a short grace if the live peer does not take it.
+GAP_BOUND = HEALTH + RENEW + 0.35
+
+
+def first_active(*members: Member, timeout: float) -> tuple[Member, float]:
+    """The first of `members` to turn ACTIVE, and how long it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        for member in members:
+            if member.node.role is Role.ACTIVE:
+                return member, time.monotonic() - started
+        time.sleep(0.005)
+    raise AssertionError(f"nobody active after {timeout}s: "
+                         f"{[(m.name, m.reasons()) for m in members]}")
+
+
+def test_both_fallen_then_revived_take_the_free_lease_at_once(cluster):
+    a, b = pair(cluster)
+    a.keeper.fall()
+    b.wait_role(Role.ACTIVE, timeout=2)
+    b.keeper.fall()
+    time.sleep(3 * HEALTH)  # both fallen: the lease is free, each monitor sees the other down
+    assert read_lease(cluster.admin).holder is None
+    a.keeper.revive()
+    b.keeper.revive()
+    winner, took = first_active(a, b, timeout=5)
+    print(f"no active node for {took:.2f}s after both revived")
+    assert took < GAP_BOUND, (took, a.reasons(), b.reasons())
+    loser = b if winner is a else a
+    stays(loser, Role.PASSIVE, 0.5)
+    assert winner.node.role is Role.ACTIVE
+
+
+def test_the_active_falls_while_the_passive_is_in_its_revive_hold_off(cluster):
+    a, b = pair(cluster)
+    b.keeper.fall()
+    b.keeper.revive()  # B holds off for several seconds from here
+    time.sleep(3 * HEALTH)  # A's monitor saw B fall and come back; A keeps the lease
+    assert a.node.role is Role.ACTIVE and b.node.role is Role.PASSIVE
+    a.keeper.fall()
+    took = b.wait_role(Role.ACTIVE, timeout=5)
+    print(f"no active node for {took:.2f}s after the active fell")
+    assert took < GAP_BOUND, (took, b.reasons())
+
+
+def test_quick_fall_and_revive_of_both_leaves_the_lease_to_nobody_for_long(cluster):
+    """The active falls and revives at once while the passive has itself just fallen and
+    revived: B gave no lease up, so it takes A's released one within one health check and one
+    renew tick, and A yields it to B."""
+    a, b = pair(cluster)
+    b.keeper.fall()
+    b.keeper.revive()
+    time.sleep(3 * HEALTH)
+    started = time.monotonic()
+    a.keeper.fall()
+    a.keeper.revive()
+    _, took = first_active(a, b, timeout=5)
+    print(f"no active node for {took:.2f}s")
+    assert took < GAP_BOUND, (took, a.reasons(), b.reasons())
+    assert time.monotonic() - started < 5
+
+
+def test_a_revived_node_yields_its_lease_only_as_long_as_a_live_peer_needs(cluster):
+    """The peer answers /health but cannot take the lease (its database is cut off): the node
+    that fell and revived at once takes its lease back after the peer's grace, not later."""
+    a, b = pair(cluster)
+    b.db.fail = True
+    started = time.monotonic()
+    a.keeper.fall()
+    a.keeper.revive()
+    took = a.wait_role(Role.ACTIVE, timeout=5)
+    print(f"retook its own lease after {took:.2f}s")
+    assert a.keeper.peer_grace - 0.05 < time.monotonic() - started \
+        < a.keeper.peer_grace + RENEW + 0.35, a.reasons()
+    b.db.fail = False
+    stays(b, Role.PASSIVE, 0.5)
+
+
 def test_graceful_stop_hands_over_at_once(cluster):
     a, b = pair(cluster)
     started = time.monotonic()

@@ -182,3 +182,43 @@ def test_quick_fall_and_revive_hands_over_to_the_peer(pair, chat):
         assert pair.wait_one_active(timeout=10) is other
         time.sleep(0.5)
         assert pair.active_nodes() == [other]
+
+
+def _time_without_active(pair, timeout: float = 10.0) -> float:
+    """From now until one node says it is active, in seconds."""
+    started = time.monotonic()
+    pair.wait_one_active(timeout=timeout)
+    return time.monotonic() - started
+
+
+# A free lease is taken within one health check plus one renew tick (FAST: 0.2 s + 0.25 s),
+# even by a node just revived, when its peer is not going to take it; well under the several
+# seconds of the revive hold-off. The margin covers process scheduling on a busy machine.
+NO_ACTIVE_BOUND = 0.2 + 0.25 + 0.6
+
+
+def test_both_fall_then_both_revive_an_active_node_is_back_at_once(pair):
+    assert pair.admin(pair.a, "/fall").status == 200
+    pair.wait_one_active(exclude=pair.a, timeout=5)
+    assert pair.admin(pair.b, "/fall").status == 200
+    time.sleep(0.6)  # both down, the lease free
+    assert pair.active_nodes() == []
+    assert pair.admin(pair.a, "/revive").status == 200
+    assert pair.admin(pair.b, "/revive").status == 200
+    took = _time_without_active(pair)
+    print(f"no active node for {took:.2f}s after both revived")
+    assert took < NO_ACTIVE_BOUND, took
+    time.sleep(0.5)
+    assert len(pair.active_nodes()) == 1
+
+
+def test_the_active_falls_while_the_other_is_just_revived(pair):
+    assert pair.admin(pair.b, "/fall").status == 200
+    assert pair.admin(pair.b, "/revive").status == 200  # B now holds off for a while
+    time.sleep(0.6)
+    assert pair.active_nodes() == [pair.a]
+    assert pair.admin(pair.a, "/fall").status == 200
+    took = _time_without_active(pair)
+    print(f"no active node for {took:.2f}s after the active fell")
+    assert took < NO_ACTIVE_BOUND, took
+    assert pair.active_nodes() == [pair.b]

@@ -114,6 +114,22 @@ def test_release_lets_another_acquire_immediately(db):
     assert try_acquire(db, "b", URL_B, 30.0) == epoch_a + 1
 
 
+def test_a_free_lease_tells_how_long_it_has_been_free(db):
+    """Released or expired, `free_for` counts from that moment by the database clock (the
+    keeper leaves a lease it gave up to a live peer only that long)."""
+    assert read_lease(db).free_for > 1_000_000  # never held: free since forever
+    epoch = try_acquire(db, "a", URL_A, 30.0)
+    assert read_lease(db).free_for == 0.0
+    assert release(db, "a", epoch)
+    time.sleep(0.3)
+    assert 0.25 < read_lease(db).free_for < 5.0
+    try_acquire(db, "b", URL_B, 0.2)
+    state = wait_until_expired(db)
+    assert 0.0 <= state.free_for < 1.0
+    time.sleep(0.3)
+    assert 0.25 < read_lease(db).free_for < 5.0
+
+
 def test_reacquire_after_release_raises_epoch(db):
     e1 = try_acquire(db, "a", URL_A, 30.0)
     assert release(db, "a", e1)

@@ -55,10 +55,12 @@ class LeaseKeeper:
         self.ttl = settings.lease_ttl
         self.renew_interval = settings.lease_renew_interval
         self.safety_margin = min(self.renew_interval, self.ttl / 4)
-        # After /revive, how long a node leaves a reachable peer to take the lease first:
-        # long enough for the peer's health checks to see this node fall and act on it.
-        self.revive_hold_off = 2 * self.ttl + settings.health_interval * settings.health_failures
-        self._hold_off_until = 0.0
+        # No preemption: the lease this node gave up on /fall is left to a live peer for this
+        # long after the release: twice what the peer needs (one health check to see the fall,
+        # one renew tick to read the lease and take it), so a peer slowed by a busy machine
+        # still wins. Free for longer, the peer is not taking it: this node may.
+        self.peer_grace = 2 * (settings.health_interval + self.renew_interval)
+        self._given_up_epoch: int | None = None
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -105,6 +107,7 @@ class LeaseKeeper:
             if self.node.transition(Role.FALLEN, reason, only_from=role,
                                     only_epoch=epoch if role is Role.ACTIVE else None):
                 if role is Role.ACTIVE:
+                    self._given_up_epoch = epoch
                     self._release(epoch)
                 self.wake()
                 return True
@@ -112,9 +115,6 @@ class LeaseKeeper:
     def revive(self, reason: str = "revive") -> bool:
         """FALLEN -> PASSIVE (never straight to active: no preemption)."""
         changed = self.node.transition(Role.PASSIVE, reason, only_from=Role.FALLEN)
-        if changed:
-            # No preemption: give a live peer time to take the lease this node gave up.
-            self._hold_off_until = time.monotonic() + self.revive_hold_off
         self.wake()
         return changed
 
@@ -211,6 +211,9 @@ class LeaseKeeper:
         state = self._read_lease()
         reason = self._takeover_reason(state)
         if reason is None:
+            if self._yielding_to_peer(state):
+                # Left to the peer for now: look again when its grace runs out.
+                return min(tick, max(0.0, self.peer_grace - state.free_for) + EXPIRY_SLACK)
             return tick
         if state is not None and state.holder and state.expires_at > state.db_now:
             # Held and not expired: acquiring would fail. Look again just after its expiry.
@@ -237,9 +240,8 @@ class LeaseKeeper:
         monitor = self.monitor
         if monitor is None or monitor.peer_url is None:
             return "no-peer"
-        if time.monotonic() < self._hold_off_until and monitor.failures == 0 \
-                and monitor.peer_report is not None:
-            return None  # just revived and the peer answers: it is the peer's turn
+        if self._yielding_to_peer(state):
+            return None  # the lease this node gave up: a live peer is about to take it
         if monitor.peer_down:
             report = monitor.peer_report
             if report is None:
@@ -252,6 +254,25 @@ class LeaseKeeper:
             if state.db_now - state.expires_at >= FREE_LEASE_TTLS * self.ttl:
                 return "lease-free"  # expired long ago: the peer is stuck, /health or not
         return None
+
+    def _yielding_to_peer(self, state: Any) -> bool:
+        """True while this node, revived after giving the lease up on /fall, leaves that lease
+        to its peer (no preemption).
+
+        Only the lease this node gave up (same epoch: nobody took it since), only while the
+        peer answered its last health check saying it is alive (a peer that does not answer
+        or is down takes nothing), and only while that lease has been free for less than
+        `peer_grace` by the database clock: a live peer takes a free lease within that, so
+        longer means it will not (it fell too, say), and the lease is taken at once.
+        """
+        given_up, monitor = self._given_up_epoch, self.monitor
+        if given_up is None or monitor is None or state is None or state.held \
+                or state.epoch != given_up:
+            return False
+        report = monitor.peer_report
+        if monitor.failures or report is None or report.get("status") != "alive":
+            return False
+        return state.free_for < self.peer_grace
 
     def _activate(self, epoch: int, t0: float, reason: str, only_from: Role) -> bool:
         node = self.node

@@ -61,6 +61,12 @@ class LeaseState:
         return self.holder is not None and self.expires_at > self.db_now
 
     @property
+    def free_for(self) -> float:
+        """Seconds since the lease was released or expired, by the database clock (0 when
+        held)."""
+        return 0.0 if self.held else max(0.0, self.db_now - self.expires_at)
+
+    @property
     def remaining(self) -> float:
         """Seconds until expiry by the database clock (0 when not held)."""
         return max(0.0, self.expires_at - self.db_now) if self.held else 0.0
@@ -120,9 +126,11 @@ def renew(db: Database, node_id: str, epoch: int, ttl: float) -> bool:
 
 def release(db: Database, node_id: str, epoch: int) -> bool:
     """Give the lease up (so a peer may acquire it at once). The epoch is kept: the next
-    acquire raises it."""
+    acquire raises it. `expires_at` becomes the moment of release, so a free lease tells how
+    long it has been free (`db_now - expires_at`), released or expired alike."""
+    now = db_now_sql(db.dialect)
     outcome = db.control.run(
-        "UPDATE lease SET holder = NULL, holder_url = NULL, expires_at = 0 "
+        f"UPDATE lease SET holder = NULL, holder_url = NULL, expires_at = {now} "
         "WHERE id = :id AND holder = :node AND epoch = :epoch",
         {"id": LEASE_ID, "node": node_id, "epoch": int(epoch)}, write=True,
     )

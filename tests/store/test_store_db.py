@@ -85,6 +85,37 @@ def test_concurrent_upgrades_serialize(empty_db_url):
         db.dispose()
 
 
+def test_connections_opening_a_new_sqlite_file_at_once_wait_for_each_other(tmp_path):
+    """Switching a new SQLite file to WAL takes a lock that SQLite does not wait for through
+    busy_timeout: connections opened together (several threads or nodes starting on one new
+    file) must wait their turn instead of failing with "database is locked"."""
+    for attempt in range(30):
+        url = f"sqlite:///{tmp_path / f'new-{attempt}.db'}"
+        errors: list[BaseException] = []
+        start = threading.Barrier(6)
+
+        def connect(read_only: bool, url=url, start=start, errors=errors) -> None:
+            db = Database(url, pool_size=1)
+            try:
+                start.wait(5)
+                with (db.read() if read_only else db.write()) as session:
+                    session.execute(text("SELECT 1"))
+                    time.sleep(0.02)  # others connect while this transaction is open
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+            finally:
+                db.dispose()
+
+        threads = [threading.Thread(target=connect, args=(i % 2 == 0,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == [], f"attempt {attempt}: {errors[0]!r}"
+        with sqlite3.connect(tmp_path / f"new-{attempt}.db") as raw:
+            assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
 def test_upgrade_from_0001_keeps_the_data(empty_db_url):
     """A database made by an older release upgrades in place."""
     db = Database(empty_db_url, pool_size=1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
@@ -103,6 +104,24 @@ def is_unavailable_error(exc: BaseException) -> bool:
     return isinstance(orig, psycopg.OperationalError)
 
 
+def _switch_to_wal(cursor, timeout: float) -> None:
+    """Put the file in WAL mode. On a new file the switch needs a lock that SQLite does not
+    wait for through busy_timeout, so connections opened together (threads, or nodes starting
+    on one file) would fail with "database is locked": wait for it here, as long as
+    busy_timeout would have."""
+    deadline = time.monotonic() + timeout
+    pause = 0.002
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 def _sqlite_on_connect(busy_timeout_ms: int, read_only: bool):
     def on_connect(dbapi_connection, connection_record) -> None:
         # The known recipe: stop pysqlite from issuing BEGIN itself; we emit it in "begin".
@@ -110,7 +129,7 @@ def _sqlite_on_connect(busy_timeout_ms: int, read_only: bool):
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {busy_timeout_ms:d}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _switch_to_wal(cursor, busy_timeout_ms / 1000)
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute("PRAGMA synchronous = NORMAL")
             if read_only:

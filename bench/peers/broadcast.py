@@ -1,4 +1,5 @@
-"""What the long-polling peers of bench.realtime_bench share: the wire format, no server.
+"""What the long-polling peers of bench.realtime_bench share: the wire format, and the
+waiters of the two asyncio peers (`AsyncBroadcast`); no server.
 
 Each peer (aiohttp_broadcast.py, starlette_broadcast.py, waitress_broadcast.py) serves
 
@@ -17,6 +18,7 @@ The answer is the document hachat sends for a new message, about the same size.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -69,3 +71,46 @@ class Stream:
 
     def stats(self, waiters: int, **more: int) -> bytes:
         return _dumps({"waiters": waiters, "cursor": self.cursor, **more}).encode()
+
+
+class AsyncBroadcast:
+    """The asyncio peers' state (aiohttp, starlette): a future per parked GET /events, filed
+    under each of the caller's groups, with a loop timer for its timeout."""
+
+    def __init__(self) -> None:
+        self.stream = Stream()
+        self.waiters: dict[int, set[asyncio.Future]] = {}
+        self.waiting = 0
+
+    async def wait(self, groups: list[int], since: int, timeout: float) -> bytes:
+        """The body to answer a parked GET /events with: the next message to one of
+        `groups`, or the empty answer once `timeout` passes."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        for g in groups:
+            self.waiters.setdefault(g, set()).add(fut)
+        timer = loop.call_later(timeout, _expire, fut, since)
+        self.waiting += 1
+        try:
+            return await fut
+        finally:
+            self.waiting -= 1
+            timer.cancel()
+            for g in groups:
+                self.waiters.get(g, set()).discard(fut)
+
+    def publish(self, group_id: int, content: str) -> bytes:
+        """Wake every waiter of the group with one shared body; the POST's 201 body."""
+        body, ack = self.stream.publish(group_id, content)
+        for fut in self.waiters.pop(group_id, ()):
+            if not fut.done():
+                fut.set_result(body)
+        return ack
+
+    def stats(self) -> bytes:
+        return self.stream.stats(self.waiting)
+
+
+def _expire(fut: asyncio.Future, since: int) -> None:
+    if not fut.done():
+        fut.set_result(empty_body(since))

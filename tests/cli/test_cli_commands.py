@@ -20,11 +20,17 @@ def _env(tmp_path, **extra):
     return env
 
 
-def test_cluster_runs_a_pair_and_stops_on_ctrl_c(tmp_path):
+def _cluster(tmp_path, env: dict[str, str], stderr=subprocess.DEVNULL):
+    """`hachat cluster` on two free ports: (process, first port, second port)."""
     a, b = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "hachat", "cluster", "--ports", f"{a},{b}"],
-                            env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr,
+                            text=True)
+    return proc, a, b
+
+
+def test_cluster_runs_a_pair_and_stops_on_ctrl_c(tmp_path):
+    proc, a, b = _cluster(tmp_path, _env(tmp_path), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         roles = None
@@ -60,10 +66,7 @@ def _port_answers(port: int) -> bool:
 
 
 def test_cluster_says_where_the_active_and_passive_nodes_are_once_they_are(tmp_path):
-    a, b = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hachat", "cluster", "--ports", f"{a},{b}"],
-                            env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc, a, b = _cluster(tmp_path, _env(tmp_path))
     try:
         line = proc.stdout.readline()
         # Printed only once true: both answer now, the first active, the second passive.
@@ -90,10 +93,7 @@ def test_cluster_waits_out_a_lease_left_by_a_killed_node(tmp_path):
         time.sleep(0.05)
     old.kill()
     old.wait(10)
-    a, b = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hachat", "cluster", "--ports", f"{a},{b}"],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc, a, b = _cluster(tmp_path, env)
     try:
         line = proc.stdout.readline()
         health = [call(f"http://127.0.0.1:{p}", "GET", "/health", timeout=2).json for p in (a, b)]

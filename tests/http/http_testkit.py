@@ -25,6 +25,18 @@ class Route:
         return self.fn(request)
 
 
+def gated(handler: Callable[[Request], Any]) -> tuple[Route, threading.Event]:
+    """A worker route that runs `handler` only once the returned gate is set (or after 5 s),
+    to hold a request in a worker thread while a test does something to its connection."""
+    gate = threading.Event()
+
+    def run(request: Request) -> Any:
+        gate.wait(5)
+        return handler(request)
+
+    return Route(run, blocking=True), gate
+
+
 def echo(request: Request) -> Response:
     return Response(200, dumps({
         "method": request.method,

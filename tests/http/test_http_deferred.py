@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from http_testkit import App, Client, Route, wait_for
+from http_testkit import App, Client, Route, gated, wait_for
 
 from hachat.http.messages import Deferred, Response
 
@@ -159,13 +159,7 @@ def test_resolving_many_from_another_thread(server, app):
 
 
 def test_client_gone_before_a_worker_returns_its_deferred(make_server, app):
-    gate = threading.Event()
-
-    def slow_park(request):
-        gate.wait(5)
-        return app._park(request)
-
-    app.routes["/slow-park"] = Route(slow_park, blocking=True)
+    app.routes["/slow-park"], gate = gated(app._park)
     server = make_server(app)
     c = Client(server.address)
     c.get("/slow-park")

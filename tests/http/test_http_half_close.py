@@ -10,11 +10,10 @@ committed) may already have taken effect; with pipelined requests only the first
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest
-from http_testkit import BIG, Client, Route, wait_for
+from http_testkit import BIG, Client, gated, wait_for
 
 from hachat.http.messages import Response
 
@@ -54,13 +53,7 @@ def test_half_closed_client_gets_the_answer_to_a_working_request(server, app):
 
 
 def test_half_close_before_the_worker_returns_its_deferred(make_server, app):
-    gate = threading.Event()
-
-    def slow_work(request):
-        gate.wait(5)
-        return app._work(request)
-
-    app.routes["/slow-work"] = Route(slow_work, blocking=True)
+    app.routes["/slow-work"], gate = gated(app._work)
     server = make_server(app)
     with Client(server.address) as c:
         c.send(POST.replace(b"/work", b"/slow-work") + b"")
@@ -155,13 +148,7 @@ def test_a_vanished_client_is_found_by_the_probe(server, app, how):
 
 
 def test_a_vanished_client_is_dropped_while_its_worker_runs(make_server, app):
-    gate = threading.Event()
-
-    def slow_work(request):
-        gate.wait(5)
-        return app._work(request)
-
-    app.routes["/slow-work"] = Route(slow_work, blocking=True)
+    app.routes["/slow-work"], gate = gated(app._work)
     server = make_server(app)
     c = Client(server.address)
     c.send(POST.replace(b"/work", b"/slow-work"))

@@ -113,10 +113,20 @@ def test_missing_or_bad_token_is_401(api_node, pair, auth):
     ({"username": "okname"}, "password"),
     ({"username": "okname", "password": "short"}, "password"),
     ({"username": "okname", "password": "x" * 257}, "password"),
+    ({"username": "okname", "password": "\ud800" * 9}, "password"),
+    ({"username": "okname", "password": "longenough\udfff"}, "password"),
 ])
 def test_bad_logins(api_node, body, field):
     reply = call(api_node.url, "POST", "/login", body)
     assert reply.status == 422 and reply.json["field"] == field
+
+
+def test_a_password_that_is_not_unicode_text_is_422_for_an_existing_user(api_node, pair):
+    """A lone surrogate (valid JSON escape, not text) cannot be hashed or checked."""
+    ana, _, _ = pair
+    reply = call(api_node.url, "POST", "/login",
+                 {"username": ana.username, "password": "password123\ud800"})
+    assert reply.status == 422 and reply.json["field"] == "password", reply.raw
 
 
 def test_bad_query_params(api_node, pair):

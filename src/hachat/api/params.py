@@ -88,6 +88,7 @@ class Params:
             raise invalid_field(name, f"'{name}' is required (in the JSON body)")
         if not isinstance(value, str):
             raise invalid_field(name, f"'{name}' must be a string")
+        _require_unicode(name, value)  # the hasher encodes it to UTF-8
         if not (min_length <= len(value) <= max_length):
             raise invalid_field(name, f"'{name}' must have {min_length} to {max_length} "
                                       "characters")
@@ -154,10 +155,7 @@ class Params:
             raise invalid_field(name, f"'{name}' must be a string")
         if "\x00" in value:
             raise invalid_field(name, f"'{name}' must not contain NUL characters")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise invalid_field(name, f"'{name}' is not valid Unicode text") from None
+        _require_unicode(name, value)
         if len(value) < min_length:
             raise invalid_field(name, f"'{name}' must have at least {min_length} characters")
         if max_length is not None and len(value) > max_length:
@@ -191,6 +189,15 @@ class Params:
                 raise invalid_field(name, f"'{name}' is required")
             return None
         return value
+
+
+def _require_unicode(name: str, value: str) -> None:
+    """JSON's `\\ud800` escapes decode to lone surrogates: valid JSON, but no text that UTF-8
+    (the database, a password hash) can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid_field(name, f"'{name}' is not valid Unicode text") from None
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

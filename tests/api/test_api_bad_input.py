@@ -295,3 +295,20 @@ def test_a_token_in_the_query_string_is_refused(api_node, pair):
             assert "Authorization" in reply.json["message"]
     # a query string without secrets is fine
     assert ana("GET", f"/messages?groupId={gid}").status == 200
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"1" + b"0" * 400 + b".0",
+                                    b"9" * 5000])
+def test_json_numbers_beyond_a_double_are_refused_not_stored_as_infinity(api_node, pair, number):
+    """Python reads them as inf, which would go out as `Infinity`: not JSON, and every member's
+    /events stream from before that event would be unreadable by a JSON parser."""
+    ana, _, gid = pair
+    cursor = ana("GET", "/events").json["cursor"]
+    reply = ana("POST", f"/notify/{gid}", b'{"message": {"x": ' + number + b"}}")
+    assert reply.status == 400 and reply.json["error"] == "invalid_json", reply.raw
+    assert "number" in reply.json["message"] and "sys." not in reply.json["message"]
+    assert ana("POST", "/messages", b'{"groupId": %d, "content": "x", "userId": %s}'
+               % (gid, number)).status == 400
+    assert ana("GET", "/events", b'{"since": 0, "timeout": %s}' % number).status == 400
+    later = ana("GET", f"/events?since={cursor}&timeout=0")
+    assert later.status == 200 and later.json["events"] == [], later.raw

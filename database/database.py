@@ -8,7 +8,6 @@ environment and `.env`; without them, the SQLite file data/hachat.db.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -29,16 +28,9 @@ def main() -> int:
         from hachat.store import Database, StoreError
         from hachat.store.db import mask_url
     except ImportError as exc:
-        venv = REPO / ".venv"
-        venv_python = venv / "bin" / "python"
-        in_venv = Path(sys.prefix).resolve() == venv.resolve()
-        if venv_python.exists() and not in_venv and not os.environ.get("HACHAT_REEXEC"):
-            # Dependencies live in the project's virtualenv: rerun this script with it.
-            os.environ["HACHAT_REEXEC"] = "1"
-            os.execv(str(venv_python), [str(venv_python), *sys.argv])
-        print(f"error: {exc}; install hachat first (make run / pip install -e .)",
-              file=sys.stderr)
-        return 1
+        from hachat.bootstrap import rerun_with_project_venv
+
+        rerun_with_project_venv(REPO, exc)
 
     try:
         settings = load_settings()

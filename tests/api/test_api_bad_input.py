@@ -113,10 +113,20 @@ def test_missing_or_bad_token_is_401(api_node, pair, auth):
     ({"username": "okname"}, "password"),
     ({"username": "okname", "password": "short"}, "password"),
     ({"username": "okname", "password": "x" * 257}, "password"),
+    ({"username": "okname", "password": "\ud800" * 9}, "password"),
+    ({"username": "okname", "password": "longenough\udfff"}, "password"),
 ])
 def test_bad_logins(api_node, body, field):
     reply = call(api_node.url, "POST", "/login", body)
     assert reply.status == 422 and reply.json["field"] == field
+
+
+def test_a_password_that_is_not_unicode_text_is_422_for_an_existing_user(api_node, pair):
+    """A lone surrogate (valid JSON escape, not text) cannot be hashed or checked."""
+    ana, _, _ = pair
+    reply = call(api_node.url, "POST", "/login",
+                 {"username": ana.username, "password": "password123\ud800"})
+    assert reply.status == 422 and reply.json["field"] == "password", reply.raw
 
 
 def test_bad_query_params(api_node, pair):
@@ -285,3 +295,20 @@ def test_a_token_in_the_query_string_is_refused(api_node, pair):
             assert "Authorization" in reply.json["message"]
     # a query string without secrets is fine
     assert ana("GET", f"/messages?groupId={gid}").status == 200
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"1" + b"0" * 400 + b".0",
+                                    b"9" * 5000])
+def test_json_numbers_beyond_a_double_are_refused_not_stored_as_infinity(api_node, pair, number):
+    """Python reads them as inf, which would go out as `Infinity`: not JSON, and every member's
+    /events stream from before that event would be unreadable by a JSON parser."""
+    ana, _, gid = pair
+    cursor = ana("GET", "/events").json["cursor"]
+    reply = ana("POST", f"/notify/{gid}", b'{"message": {"x": ' + number + b"}}")
+    assert reply.status == 400 and reply.json["error"] == "invalid_json", reply.raw
+    assert "number" in reply.json["message"] and "sys." not in reply.json["message"]
+    assert ana("POST", "/messages", b'{"groupId": %d, "content": "x", "userId": %s}'
+               % (gid, number)).status == 400
+    assert ana("GET", "/events", b'{"since": 0, "timeout": %s}' % number).status == 400
+    later = ana("GET", f"/events?since={cursor}&timeout=0")
+    assert later.status == 200 and later.json["events"] == [], later.raw

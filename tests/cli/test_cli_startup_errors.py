@@ -152,3 +152,41 @@ def test_bad_cluster_ports(tmp_path, ports):
     done = run(tmp_path, ("cluster", "--ports", ports.format(p=free_port())), timeout=30)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "--ports" in done.stderr
+
+
+def _checkout(tmp_path, with_venv: bool):
+    """A checkout as a new user has it: main.py, database/ and src/, and (after `make run`) a
+    .venv whose python has the dependencies (here a wrapper around this test's Python)."""
+    import shutil
+
+    repo = tmp_path / "checkout"
+    (repo / "database").mkdir(parents=True)
+    shutil.copy(REPO / "main.py", repo / "main.py")
+    shutil.copy(REPO / "database" / "database.py", repo / "database" / "database.py")
+    (repo / "src").symlink_to(REPO / "src")
+    if with_venv:
+        venv_python = repo / ".venv" / "bin" / "python"
+        venv_python.parent.mkdir(parents=True)
+        venv_python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        venv_python.chmod(0o755)
+    return repo
+
+
+def _bare(tmp_path, script, **env):
+    """`script` run by a Python without hachat's dependencies (no site-packages: -I -S)."""
+    return subprocess.run([sys.executable, "-I", "-S", str(script)], env=_env(tmp_path, **env),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("script", ["main.py", "database/database.py"])
+def test_an_original_script_run_outside_the_venv_reruns_itself_with_it(tmp_path, script):
+    repo = _checkout(tmp_path, with_venv=True)
+    done = _bare(tmp_path, repo / script, DATABASE_URL="nosuchdb://x")
+    # The error is the settings check's own: the script got as far as reading its settings.
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and "DATABASE_URL" in done.stderr, done.stderr
+
+
+def test_main_py_without_dependencies_says_how_to_install(tmp_path):
+    repo = _checkout(tmp_path, with_venv=False)
+    one_line_error(_bare(tmp_path, repo / "main.py"), "make run", "pip install", code=1)

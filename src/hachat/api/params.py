@@ -7,6 +7,7 @@ open a transaction.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 from urllib.parse import parse_qsl
@@ -25,6 +26,7 @@ _UNSIGNED_TEXT = re.compile(r"[0-9]{1,19}")
 _DECIMAL_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
 _UNSIGNED_DECIMAL_TEXT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
 _TEXT_MAX = 40  # a longer number is no timeout anyone means
+_INT_DIGITS_MAX = 4000  # below Python's own limit on reading integers (4,300 digits)
 
 
 # Names that carry a secret. They are refused in any query string (a URL is written to proxy
@@ -88,6 +90,7 @@ class Params:
             raise invalid_field(name, f"'{name}' is required (in the JSON body)")
         if not isinstance(value, str):
             raise invalid_field(name, f"'{name}' must be a string")
+        _require_unicode(name, value)  # the hasher encodes it to UTF-8
         if not (min_length <= len(value) <= max_length):
             raise invalid_field(name, f"'{name}' must have {min_length} to {max_length} "
                                       "characters")
@@ -154,10 +157,7 @@ class Params:
             raise invalid_field(name, f"'{name}' must be a string")
         if "\x00" in value:
             raise invalid_field(name, f"'{name}' must not contain NUL characters")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise invalid_field(name, f"'{name}' is not valid Unicode text") from None
+        _require_unicode(name, value)
         if len(value) < min_length:
             raise invalid_field(name, f"'{name}' must have at least {min_length} characters")
         if max_length is not None and len(value) > max_length:
@@ -193,6 +193,15 @@ class Params:
         return value
 
 
+def _require_unicode(name: str, value: str) -> None:
+    """JSON's `\\ud800` escapes decode to lone surrogates: valid JSON, but no text that UTF-8
+    (the database, a password hash) can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid_field(name, f"'{name}' is not valid Unicode text") from None
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """An empty body is an empty object; anything else must be a UTF-8 JSON object."""
     if not body or body.isspace():
@@ -202,7 +211,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise invalid_json("the body is not valid UTF-8") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                           parse_int=_bounded_int)
     except (ValueError, RecursionError) as exc:
         raise invalid_json(f"the body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
@@ -212,3 +222,20 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed in JSON")
+
+
+def _bounded_int(text: str) -> int:
+    """Python refuses to read integers of over 4,300 digits, with advice for Python
+    programmers; say it in the client's terms. (Shorter big ones are range-checked later.)"""
+    if len(text) > _INT_DIGITS_MAX:
+        raise ValueError(f"a number has {len(text)} digits; the most is {_INT_DIGITS_MAX}")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    """`1e400` is JSON, but Python reads it as inf, which would be written back out as
+    `Infinity` (not JSON) wherever the value is echoed, e.g. in a /notify event."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large (beyond a 64-bit float)")
+    return value

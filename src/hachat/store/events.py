@@ -23,7 +23,8 @@ STREAM_META_ID = 1
 
 
 def _dumps(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    # allow_nan=False: a non-finite float would be stored as `Infinity`, which is not JSON.
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _int_or_none(value: Any) -> int | None:

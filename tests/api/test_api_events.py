@@ -125,6 +125,47 @@ def test_member_added_while_waiting_sees_the_group(api_node, unique):
     assert ids == sorted(set(ids))
 
 
+def test_a_member_read_after_its_removal_still_gets_what_came_before_it(api_node, unique):
+    """Regression: events were filtered by the membership at read time, so a client that
+    resumed after being removed lost the group's events from while it was a member."""
+    ana, bea = ChatUser(api_node.url, unique("la")), ChatUser(api_node.url, unique("lb"))
+    gid = ana("POST", "/groups", {"name": "late", "memberIds": [bea.id]}).json["id"]
+    cursor = bea("GET", "/events").json["cursor"]
+    ana("POST", "/messages", {"groupId": gid, "content": "while a member"})
+    ana("POST", f"/notify/{gid}", {"message": "still a member"})
+    ana("DELETE", f"/groups/{gid}/members", {"userId": bea.id})
+    ana("POST", "/messages", {"groupId": gid, "content": "after removal"})
+    ana("POST", f"/notify/{gid}", {"message": "after removal"})
+    events = bea("GET", f"/events?since={cursor}&timeout=0").json["events"]
+    assert [e["type"] for e in events] == ["message.created", "group.notify", "member.removed"]
+    assert events[0]["data"]["content"] == "while a member"
+
+
+def test_a_member_added_later_gets_nothing_from_before_it_joined(api_node, unique):
+    """Regression: a client resuming from a cursor older than its joining received the
+    group's earlier events (a notice sent while it was not a member, for one)."""
+    ana, bea = ChatUser(api_node.url, unique("ja")), ChatUser(api_node.url, unique("jb"))
+    gid = ana("POST", "/groups", {"name": "before"}).json["id"]
+    cursor = bea("GET", "/events").json["cursor"]
+    ana("POST", "/messages", {"groupId": gid, "content": "before bea"})
+    ana("POST", f"/notify/{gid}", {"message": "not for bea"})
+    ana("POST", f"/groups/{gid}/members", {"userId": bea.id})
+    ana("POST", "/messages", {"groupId": gid, "content": "welcome"})
+    events = bea("GET", f"/events?since={cursor}&timeout=0").json["events"]
+    assert [e["type"] for e in events] == ["member.added", "message.created"]
+    assert events[1]["data"]["content"] == "welcome"
+    # and a member removed then added again gets nothing from the time in between
+    ana("DELETE", f"/groups/{gid}/members", {"userId": bea.id})
+    ana("POST", "/messages", {"groupId": gid, "content": "while bea is out"})
+    ana("POST", f"/groups/{gid}/members", {"userId": bea.id})
+    ana("POST", "/messages", {"groupId": gid, "content": "bea is back"})
+    events = bea("GET", f"/events?since={cursor}&timeout=0").json["events"]
+    assert [e["type"] for e in events] == ["member.added", "message.created", "member.removed",
+                                           "member.added", "message.created"]
+    assert [e["data"]["content"] for e in events if e["type"] == "message.created"] == \
+        ["welcome", "bea is back"]
+
+
 def test_concurrent_writers_every_event_once_in_order(api_node, unique):
     writers = [ChatUser(api_node.url, unique(f"cw{i}")) for i in range(6)]
     reader = ChatUser(api_node.url, unique("cr"))

@@ -170,3 +170,31 @@ def test_deleting_a_message_leaves_other_kinds_of_events_alone(db):
         rows = {e.position: e.payload_dict() for e in events.events_for_user(s, ben.id, 0, 10)}
     assert rows[1] == {"id": m1.id, "content": None, "deleted": True}
     assert rows[2] == notice and rows[3] == notice
+
+
+def test_membership_follows_the_users_own_member_events_by_position(db):
+    ann, ben, cat, g1, g2 = _setup(db)
+    with db.write() as s:
+        chat.remove_member(s, g1.id, ben.id)
+        for position, kind, group, target in [
+                (1, "message.created", g1.id, None),
+                (2, "member.removed", g1.id, ben.id),
+                (3, "message.created", g1.id, None),
+                (4, "member.added", g2.id, ben.id),
+                (5, "message.created", g2.id, None),
+                (6, "group.notify", g2.id, None)]:
+            events.append_event(s, position, kind, group, target, {}, 1)
+        chat.add_member(s, g2.id, ben.id)
+    with db.read() as s:
+        def positions(since, upto=100):
+            return [e.position for e in events.events_for_user(s, ben.id, since, upto)]
+
+        assert positions(0) == [1, 2, 4, 5, 6]  # in g1 until 2, in g2 from 4
+        assert positions(1) == [2, 4, 5, 6]
+        assert positions(0, upto=3) == [1, 2]
+        assert positions(4) == [5, 6]
+        timeline = events.membership_timeline(s, ben.id, 0)
+        assert timeline.groups_at(0) == {g1.id}
+        assert timeline.groups_at(2) == frozenset()
+        assert timeline.groups_at(4) == {g2.id}
+        assert events.membership_timeline(s, ben.id, 4).groups_at(4) == {g2.id}

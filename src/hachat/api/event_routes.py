@@ -52,12 +52,18 @@ def events(ctx: ApiContext, request: Request) -> Response | Deferred:
                                 f"cursor {since} is older than the retention window; reload "
                                 "history with GET /messages and take a fresh cursor from "
                                 "GET /events", extra={"floor": floor})
-            rows = event_store.events_for_user(session, me.user_id, since, upto, PAGE)
+            # Membership as of each event's position, not as of now: the same cursor gives
+            # the same events whenever it is read (on either node, before or after a
+            # membership change).
+            timeline = event_store.membership_timeline(session, me.user_id, since)
+            rows = event_store.events_for_user(session, me.user_id, since, upto, PAGE,
+                                               timeline=timeline)
             if rows:
                 found = [_row_to_event(r) for r in rows]
                 return render_events(found, found[-1].position)
-            group_ids = chat.group_ids_of_user(session, me.user_id)
-        deferred = ctx.hub.wait(me.user_id, frozenset(group_ids), since, upto, timeout,
+        # The groups as of `upto`: a change after it (committed, not yet visible) reaches the
+        # waiter as its own member.* event, which makes it read the database again.
+        deferred = ctx.hub.wait(me.user_id, timeline.groups_at(upto), since, upto, timeout,
                                 render_events)
         if deferred is not None:
             return deferred

@@ -9,15 +9,15 @@ import json
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import rawsql
-from .models import Event, EventRow, Membership, StreamMeta, utcnow
+from .models import Event, EventRow, StreamMeta, utcnow
 
-__all__ = ["EventRow", "append_event", "append_events", "events_for_user", "is_message_kind",
-           "max_position", "message_id_of", "prune_events", "redact_message_events",
-           "stream_floor"]
+__all__ = ["EventRow", "MembershipTimeline", "append_event", "append_events",
+           "events_for_user", "is_message_kind", "max_position", "membership_timeline",
+           "message_id_of", "prune_events", "redact_message_events", "stream_floor"]
 
 STREAM_META_ID = 1
 
@@ -110,17 +110,116 @@ def max_position(s: Session) -> int:
     return max(int(top), stream_floor(s))
 
 
+MEMBERSHIP_KINDS = ("member.added", "member.removed")
+
+
+class MembershipTimeline:
+    """Which groups a user belonged to at each stream position after `since`.
+
+    A user belongs to a group from its own `member.added` event (exclusive: that event
+    reaches it as aimed at it) until its own `member.removed` event, whatever the membership
+    is when the stream is read: reading from the same cursor gives the same events before
+    and after a membership change, so a client resuming late neither loses what was sent
+    while it was a member nor gets what was sent before it joined or after it left.
+    Membership without events (rows written directly) counts from the start.
+    """
+
+    def __init__(self, current: set[int], changes: list[tuple[int, int, str]]) -> None:
+        # changes: (position, group_id, kind) after `since`, in position order
+        self.current = current
+        self.changes = changes
+        by_group: dict[int, list[tuple[int, bool]]] = {}
+        for position, group_id, kind in changes:
+            by_group.setdefault(group_id, []).append((position, kind == "member.added"))
+        self._by_group = by_group
+
+    @property
+    def groups(self) -> set[int]:
+        """Every group the user belongs to at some position after `since`."""
+        return self.current | set(self._by_group)
+
+    def member_at(self, group_id: int, position: int) -> bool:
+        """Whether the user belonged to the group at `position` (> since)."""
+        steps = self._by_group.get(group_id)
+        if not steps:
+            return group_id in self.current
+        state = not steps[0][1]  # before the first change: the opposite of what it did
+        for at, added in steps:
+            if at >= position:
+                break
+            state = added
+        return state
+
+    def groups_at(self, position: int) -> frozenset[int]:
+        """The groups the user belongs to just after `position` (for events after it)."""
+        return frozenset(g for g in self.groups if self.member_at(g, position + 1))
+
+    def intervals(self, group_id: int, since: int, upto: int) -> list[tuple[int, int]]:
+        """(lo, hi) ranges, lo < position <= hi, within (since, upto], of membership."""
+        steps = self._by_group.get(group_id)
+        if not steps:
+            return [(since, upto)] if group_id in self.current else []
+        out: list[tuple[int, int]] = []
+        state = not steps[0][1]
+        lo = since
+        for at, added in steps:
+            if at > upto:
+                break
+            if state and not added:
+                out.append((lo, at))  # member up to its removal (the event itself is aimed)
+            elif added and not state:
+                lo = at
+            state = added
+        if state:
+            out.append((lo, upto))
+        return [(a, b) for a, b in out if b > a]
+
+
+_TIMELINE_SQL = (
+    "SELECT position, group_id, kind FROM events WHERE target_user_id = :user_id "
+    "AND position > :since AND kind IN ('member.added', 'member.removed') "
+    "UNION ALL SELECT NULL, group_id, NULL FROM memberships WHERE user_id = :user_id"
+)
+
+
+def membership_timeline(s: Session, user_id: int, since: int) -> MembershipTimeline:
+    """The user's memberships over the stream after `since`: its own member.* events after
+    it and its current memberships, read in one statement (so from one snapshot)."""
+    current: set[int] = set()
+    changes: list[tuple[int, int, str]] = []
+    for position, group_id, kind in rawsql.run(s, _TIMELINE_SQL,
+                                               {"user_id": int(user_id), "since": int(since)}):
+        if position is None:
+            current.add(int(group_id))
+        elif group_id is not None:
+            changes.append((int(position), int(group_id), kind))
+    changes.sort()
+    return MembershipTimeline(current, changes)
+
+
 def events_for_user(s: Session, user_id: int, since: int, upto: int,
-                    limit: int = 500) -> list[EventRow]:
-    """Events with since < position <= upto for the user's current groups or aimed at the
-    user, in position order."""
+                    limit: int = 500, timeline: MembershipTimeline | None = None
+                    ) -> list[EventRow]:
+    """Events with since < position <= upto aimed at the user or of a group the user
+    belonged to at the event's position (see `MembershipTimeline`), in position order."""
     if upto <= since or limit <= 0:
         return []
-    groups = select(Membership.group_id).where(Membership.user_id == user_id)
+    if timeline is None:
+        timeline = membership_timeline(s, user_id, since)
+    whole: list[int] = []
+    ranges = []
+    for g in sorted(timeline.groups):
+        spans = timeline.intervals(g, since, upto)
+        if spans == [(since, upto)]:
+            whole.append(g)
+        for lo, hi in spans if spans != [(since, upto)] else ():
+            ranges.append(and_(Event.group_id == g, Event.position > lo, Event.position <= hi))
+    visible = [Event.target_user_id == user_id, *ranges]
+    if whole:
+        visible.append(Event.group_id.in_(whole))
     return list(s.scalars(
         select(Event)
-        .where(Event.position > since, Event.position <= upto,
-               or_(Event.group_id.in_(groups), Event.target_user_id == user_id))
+        .where(Event.position > since, Event.position <= upto, or_(*visible))
         .order_by(Event.position)
         .limit(int(limit))
     ))

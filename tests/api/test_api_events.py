@@ -246,3 +246,37 @@ def test_disconnected_waiters_are_dropped(api_node, unique):
             break
         time.sleep(0.05)
     assert stats["hub"]["waiters"] <= before["hub"]["waiters"]
+
+
+def test_logging_out_ends_the_tokens_waiting_polls_with_401(api_node, unique):
+    """Regression: a long-poll parked before its token was logged out kept delivering the
+    group's events after the logout. Logout must end that token's waiting polls, and only
+    that token's: the same user's other session keeps waiting."""
+    ana, bea = ChatUser(api_node.url, unique("lo")), ChatUser(api_node.url, unique("lp"))
+    bea_phone = ChatUser(api_node.url, bea.username)  # a second session of the same user
+    gid = ana("POST", "/groups", {"name": "lo", "memberIds": [bea.id]}).json["id"]
+    cursor = bea("GET", "/events").json["cursor"]
+    results: dict[str, object] = {}
+
+    def poll(name, who):
+        results[name] = who("GET", f"/events?since={cursor}&timeout=20", timeout=30)
+
+    waiters = [threading.Thread(target=poll, args=(n, w))
+               for n, w in (("laptop", bea), ("phone", bea_phone))]
+    for t in waiters:
+        t.start()
+    time.sleep(0.5)  # both parked
+    started = time.monotonic()
+    assert bea("POST", "/logout").status == 200
+    waiters[0].join(10)
+    ended = results.get("laptop")
+    assert ended is not None, "the logged-out session's poll was still waiting"
+    assert ended.status == 401 and ended.json["error"] == "unauthorized", ended.raw
+    assert time.monotonic() - started < 5
+    # the message posted after the logout reaches the other session, not the ended one
+    ana("POST", "/messages", {"groupId": gid, "content": "after logout"})
+    waiters[1].join(10)
+    phone = results["phone"]
+    assert phone.status == 200
+    assert [e["data"]["content"] for e in phone.json["events"]] == ["after logout"]
+    assert bea("GET", f"/events?since={cursor}&timeout=0").status == 401

@@ -251,6 +251,24 @@ def test_close_all_answers_everyone_until_reset(loop, hub):
     assert body(p.response(1))["events"] == [e.to_json_obj()]
 
 
+def test_end_session_answers_that_sessions_waiters_only_and_refuses_a_late_one(loop, hub):
+    laptop = Parked(loop, hub.wait(7, {1}, 0, 0, 30, CountingRender(), session="tok-a"))
+    phone = Parked(loop, hub.wait(7, {1}, 0, 0, 30, CountingRender(), session="tok-b"))
+    other = Parked(loop, hub.wait(8, {1}, 0, 0, 30, CountingRender(), session="tok-a"))
+    gone = json_response(401, {"error": "unauthorized"})
+    assert hub.end_session(7, "tok-a", gone) == 1
+    assert laptop.response(1) is gone
+    assert hub.stats()["waiters"] == 2
+    # a poll that authenticated before the logout and parks after it is refused at once
+    late = Parked(loop, hub.wait(7, {1}, 0, 0, 30, CountingRender(), session="tok-a"))
+    assert late.response(1) is gone
+    assert hub.stats()["waiters"] == 2
+    hub.reset(0)  # an ended session stays ended when the node becomes active again
+    again = Parked(loop, hub.wait(7, {1}, 0, 0, 30, CountingRender(), session="tok-a"))
+    assert again.response(1) is gone
+    assert phone.response(1) is not gone and other.response(1) is not gone  # reset: re-query
+
+
 def test_reset_answers_parked_waiters_with_their_cursor(loop, hub):
     render = CountingRender()
     p = Parked(loop, hub.wait(1, {1}, 0, 0, 30, render))

@@ -86,9 +86,9 @@ def test_tokens_issue_lookup_revoke(db):
         assert accounts.user_for_token(s, "not-a-token") is None
         assert accounts.user_for_token(s, "") is None
     with db.write() as s:
-        assert accounts.revoke_token(s, token) is True
-        assert accounts.revoke_token(s, token) is False
-        assert accounts.revoke_token(s, "unknown") is False
+        assert accounts.revoke_token(s, token) == user.id
+        assert accounts.revoke_token(s, token) is None
+        assert accounts.revoke_token(s, "unknown") is None
     with db.read() as s:
         assert accounts.user_for_token(s, token) is None
         assert accounts.user_for_token(s, other).id == user.id

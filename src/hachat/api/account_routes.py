@@ -70,8 +70,9 @@ def logout(ctx: ApiContext, request: Request) -> Response:
     if token is None:
         raise unauthorized()
     with fenced_write(ctx) as w:
-        revoked = accounts.revoke_token(w.session, token)
+        user_id = accounts.revoke_token(w.session, token)
     ctx.auth.forget(token)
-    if not revoked:
+    if user_id is None:
         raise unauthorized("the token is unknown or already revoked")
+    ctx.hub.end_session(user_id, token, unauthorized("this token was logged out").to_response())
     return json_response(200, {"status": "logged_out"})

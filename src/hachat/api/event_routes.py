@@ -64,7 +64,7 @@ def events(ctx: ApiContext, request: Request) -> Response | Deferred:
         # The groups as of `upto`: a change after it (committed, not yet visible) reaches the
         # waiter as its own member.* event, which makes it read the database again.
         deferred = ctx.hub.wait(me.user_id, timeline.groups_at(upto), since, upto, timeout,
-                                render_events)
+                                render_events, session=me.token)
         if deferred is not None:
             return deferred
     return render_events([], since)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from time import monotonic
@@ -50,6 +50,10 @@ Render = Callable[[list[Event], int], Response]
 
 # Events that change who belongs to a group; their target is the member concerned.
 MEMBERSHIP_KINDS = frozenset({"member.added", "member.removed"})
+
+# How long an ended session is remembered: longer than a poll can take from authenticating
+# to parking, so one that raced the logout is refused instead of parked.
+ENDED_SESSION_MEMORY = 120.0
 
 _consume = deque(maxlen=0).extend  # run an iterator to its end, in C
 
@@ -81,13 +85,14 @@ class Reservation:
 class _Waiter:
     """One parked long-poll. Indexed under each of its groups and under its user."""
 
-    __slots__ = ("hub", "user_id", "group_ids", "since", "seen_upto", "render", "deferred",
-                 "registered")
+    __slots__ = ("hub", "user_id", "session", "group_ids", "since", "seen_upto", "render",
+                 "deferred", "registered")
 
-    def __init__(self, hub: EventHub, user_id: int, group_ids: frozenset[int], since: int,
-                 seen_upto: int, timeout: float, render: Render) -> None:
+    def __init__(self, hub: EventHub, user_id: int, session: Hashable, group_ids: frozenset[int],
+                 since: int, seen_upto: int, timeout: float, render: Render) -> None:
         self.hub = hub
         self.user_id = user_id
+        self.session = session
         self.group_ids = group_ids
         self.since = since
         self.seen_upto = seen_upto
@@ -131,6 +136,9 @@ class EventHub:
         self._drain_scheduled = False
         self._slice_seconds = slice_seconds
         self._closed: Response | None = None  # set by close_all, cleared by reset
+        # Sessions ended lately, oldest first: (user, session) -> (when, response). A poll
+        # that authenticated just before the logout may reach wait() just after it.
+        self._ended: dict[tuple[int, Hashable], tuple[float, Response]] = {}
 
     # -- positions -----------------------------------------------------------------------
     def reset(self, last_position: int) -> None:
@@ -239,7 +247,8 @@ class EventHub:
 
     # -- waiting -------------------------------------------------------------------------
     def wait(self, user_id: int, group_ids: set[int] | frozenset[int], since: int,
-             seen_upto: int, timeout: float, render: Render) -> Deferred | None:
+             seen_upto: int, timeout: float, render: Render,
+             session: Hashable = None) -> Deferred | None:
         """Park a long-poll for events after `seen_upto` (the visible position the caller's
         query covered) for this user's groups and for the user.
 
@@ -249,10 +258,14 @@ class EventHub:
         matching events and the last one's position, or with ([], since) on timeout. Pass a
         stable, hashable callable (a function or bound method, not a per-request closure):
         responses are shared between waiters that get the same events with the same render.
+        `session` names the credential the caller waits under, for `end_session`.
         """
         groups = group_ids if isinstance(group_ids, frozenset) else frozenset(group_ids)
         with self._lock:
             closed = self._closed
+            if closed is None and self._ended and session is not None:
+                ended = self._ended.get((user_id, session))
+                closed = ended[1] if ended is not None else None
             if closed is None:
                 if seen_upto < self._floor:
                     return None
@@ -267,7 +280,8 @@ class EventHub:
                        for ev in matched):
                     return None  # membership changed since the caller's query: re-query
                 if not matched:
-                    waiter = _Waiter(self, user_id, groups, since, seen_upto, timeout, render)
+                    waiter = _Waiter(self, user_id, session, groups, since, seen_upto, timeout,
+                                     render)
                     self._register_locked(waiter)
                     return waiter.deferred
         deferred = Deferred(timeout, lambda: render([], since))
@@ -286,6 +300,24 @@ class EventHub:
             self._closed = response
             waiters = self._take_all_locked()
         return sum(1 for w in waiters if w.deferred.resolve(response))
+
+    def end_session(self, user_id: int, session: Hashable, response: Response) -> int:
+        """Answer `user_id`'s waiters parked under `session` with `response` (a 401 once
+        that session's token is revoked: a poll parked before the logout must not go on
+        delivering). The user's other sessions keep waiting. Returns how many were answered."""
+        now = monotonic()
+        with self._lock:
+            ended = self._ended
+            while ended:
+                oldest = next(iter(ended))
+                if now - ended[oldest][0] < ENDED_SESSION_MEMORY:
+                    break
+                del ended[oldest]
+            ended.pop((user_id, session), None)
+            ended[(user_id, session)] = (now, response)
+            ending = [w for w in self._by_user.get(user_id, ()) if w.session == session]
+            self._unregister_many_locked(ending)
+        return sum(1 for w in ending if w.deferred.resolve(response))
 
     def requery_all(self) -> int:
         """Answer every parked waiter with no events and its own cursor, so each re-reads the

@@ -80,12 +80,18 @@ def user_for_token(s: Session, raw: str) -> User | None:
     ).first()
 
 
-def revoke_token(s: Session, raw: str) -> bool:
-    """Revoke a live token; False if it is unknown or already revoked."""
+def revoke_token(s: Session, raw: str) -> int | None:
+    """Revoke a live token: the id of the user it belonged to, or None if it is unknown or
+    already revoked (then nothing changes)."""
+    live = (AuthToken.token_hash == hash_token(raw), AuthToken.revoked_at.is_(None))
+    user_id = s.scalars(select(AuthToken.user_id).where(*live)).first()
+    if user_id is None:
+        return None
     result = s.execute(
         update(AuthToken)
-        .where(AuthToken.token_hash == hash_token(raw), AuthToken.revoked_at.is_(None))
+        .where(*live)
         .values(revoked_at=utcnow())
         .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    # A concurrent logout of the same token may have won between the two statements.
+    return user_id if result.rowcount == 1 else None

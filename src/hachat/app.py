@@ -147,6 +147,9 @@ class HachatNode:
         self.ctx.committer = self.committer
         self.router = build_router(self.ctx)
         self.node.subscribe(self._on_transition)
+        # The leader and epoch a passive or fallen node learns from the lease row or its peer
+        # change its /health and answer /subscribe/status too, not only its own role changes.
+        self.node.watch(lambda node: self.status.publish(node.snapshot()))
         self.status.publish(self.node.snapshot())
         self._stop = threading.Event()
         self._pruner = threading.Thread(target=self._prune_loop, name="event-pruner", daemon=True)

@@ -213,6 +213,22 @@ def test_leader_url_from_lease_then_peer():
     assert node.leader_url is None
 
 
+def test_watchers_hear_of_a_new_leader_or_epoch_only():
+    node = node_in(Role.FALLEN)
+    seen: list[tuple[str | None, int]] = []
+    unwatch = node.watch(lambda n: seen.append((n.leader_url, n.epoch)))
+    node.observe_lease("n2", "http://n2.test", 4)
+    node.observe_lease("n2", "http://n2.test", 4)  # nothing new: nobody is told
+    node.observe_peer({"status": "alive", "active": True})  # same leader
+    node.observe_lease(None, None, 4)  # free: the peer's /health still says it leads
+    node.observe_peer(None)
+    node.observe_lease("n2", "http://n2.test", 5)
+    assert seen == [("http://n2.test", 4), (None, 4), ("http://n2.test", 5)]
+    unwatch()
+    node.observe_lease("n3", "http://n3.test", 6)
+    assert len(seen) == 3
+
+
 def test_snapshot_shape():
     node = make_node()
     assert node.snapshot() == {"status": "alive", "active": False, "node": "n1", "epoch": 0,

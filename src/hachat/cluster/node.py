@@ -3,6 +3,9 @@
 One lock guards the state. Transitions are additionally serialised with the calls to their
 listeners, so listeners see role changes in the order they happened; listeners run outside the
 state lock (they may read the node) and must not wait for another thread that changes roles.
+What the node reports also changes without a transition, when the keeper reads the lease row
+or the monitor hears from the peer (the leader, the epoch): watchers (`watch`) are told then,
+in the same order as the transitions' listeners.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from hachat.settings import ClusterSettings
 log = logging.getLogger("hachat.cluster")
 
 Listener = Callable[[Role, Role, "Node"], None]
+Watcher = Callable[["Node"], None]
 
 
 class NotActive(Exception):
@@ -46,6 +50,7 @@ class Node:
         self._lease_holder_url: str | None = None
         self._peer_active = False
         self._listeners: list[Listener] = []
+        self._watchers: list[Watcher] = []
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -132,6 +137,21 @@ class Node:
 
         return unsubscribe
 
+    def watch(self, watcher: Watcher) -> Callable[[], None]:
+        """Call `watcher(node)` whenever what `snapshot()` reports changes without a
+        transition: the leader or the epoch learnt from the lease row or from the peer's
+        /health. Called from the thread that learnt it, serialised with the transitions'
+        listeners. Returns an unwatch."""
+        with self._lock:
+            self._watchers.append(watcher)
+
+        def unwatch() -> None:
+            with self._lock:
+                if watcher in self._watchers:
+                    self._watchers.remove(watcher)
+
+        return unwatch
+
     def transition(self, new: Role, reason: str, epoch: int | None = None, *,
                    only_from: Role | None = None, only_epoch: int | None = None,
                    lease_deadline: float | None = None) -> bool:
@@ -196,17 +216,39 @@ class Node:
     def observe_lease(self, holder: str | None, holder_url: str | None,
                       epoch: int | None) -> None:
         """What the lease row says (holder None when it is free or expired)."""
-        with self._lock:
-            self._lease_holder = holder
-            self._lease_holder_url = holder_url if holder else None
-            if self._role is not Role.ACTIVE and epoch is not None and epoch > self._epoch:
-                self._epoch = epoch
+        with self._order:
+            with self._lock:
+                before = self._reported_locked()
+                self._lease_holder = holder
+                self._lease_holder_url = holder_url if holder else None
+                if self._role is not Role.ACTIVE and epoch is not None and epoch > self._epoch:
+                    self._epoch = epoch
+                watchers = self._changed_watchers_locked(before)
+            self._notify_watchers(watchers)
 
     def observe_peer(self, report: dict[str, Any] | None) -> None:
         """The peer's last /health answer (None when it did not answer)."""
-        with self._lock:
-            self._peer_active = bool(report and report.get("status") == "alive"
-                                     and report.get("active") is True)
+        with self._order:
+            with self._lock:
+                before = self._reported_locked()
+                self._peer_active = bool(report and report.get("status") == "alive"
+                                         and report.get("active") is True)
+                watchers = self._changed_watchers_locked(before)
+            self._notify_watchers(watchers)
+
+    def _reported_locked(self) -> tuple[int, str | None]:
+        """What the observations can change in `snapshot()`: the epoch and the leader."""
+        return self._epoch, self._leader_locked()
+
+    def _changed_watchers_locked(self, before: tuple[int, str | None]) -> list[Watcher]:
+        return list(self._watchers) if self._reported_locked() != before else []
+
+    def _notify_watchers(self, watchers: list[Watcher]) -> None:
+        for watcher in watchers:
+            try:
+                watcher(self)
+            except Exception:
+                log.exception("node watcher %r failed", watcher)
 
     # -- admission and reporting ---------------------------------------------------------
     def write_claim(self) -> tuple[str, int]:

@@ -31,7 +31,7 @@ from hachat.cluster.roles import Role
 from hachat.http.messages import Request
 from hachat.http.server import HTTPServer
 from hachat.realtime.hub import EventHub
-from hachat.realtime.status import StatusWatch
+from hachat.realtime.status import StatusWatch, process_first_version
 from hachat.settings import Settings
 from hachat.store import StoreError, StoreUnavailable
 from hachat.store import chat as chat_store
@@ -132,7 +132,9 @@ class HachatNode:
         self.node = Node(settings.cluster)
         self.server = HTTPServer(self, settings.http)
         self.hub = EventHub(self.server.loop)
-        self.status = StatusWatch(self.server.loop)
+        # Versions unique to this process: a client carrying one across a failover or a
+        # restart never names this node's current version by chance.
+        self.status = StatusWatch(self.server.loop, first_version=process_first_version())
         self.auth = Authenticator(settings.admin_token)
         self.monitor = PeerMonitor(settings.cluster, self.node)
         self.keeper = LeaseKeeper(settings.cluster, self.node, self.db, self.monitor,

@@ -61,3 +61,30 @@ def test_a_fallen_node_tells_who_took_over_in_health_and_status(pair):
         time.sleep(0.05)
     health = _health(pair.b.url)
     assert health["leader"] == pair.a.url and health["epoch"] == epoch, health
+
+
+def test_a_status_version_from_the_other_node_is_answered_at_once(pair):
+    """Regression: both nodes counted status versions from 1, so a client that followed a
+    failover to the other node with the version it last saw could name that node's current
+    version by chance and wait its whole timeout although the state it saw was not this
+    node's (active there, passive here)."""
+    time.sleep(1.0)  # both settled: one active, one passive
+    a, _ = _status(pair.a.url)
+    b, _ = _status(pair.b.url)
+    assert a["active"] is True and b["active"] is False
+    for url, other in ((pair.b.url, a), (pair.a.url, b)):
+        state, took = _status(url, since=other["version"], timeout=5)
+        assert took < 1.0 and state["changed"] is True, (took, state)
+        assert state["version"] != other["version"]
+
+
+def test_a_status_version_from_before_a_restart_is_answered_at_once(pair):
+    """A restarted node is a new process: a version from the old one is not its current
+    version, so a client holding it is answered at once with the state as it is now."""
+    time.sleep(1.0)
+    before, _ = _status(pair.b.url)
+    assert pair.b.stop() == 0
+    pair.b.start()
+    time.sleep(1.0)
+    state, took = _status(pair.b.url, since=before["version"], timeout=5)
+    assert took < 1.0 and state["changed"] is True, (took, state)

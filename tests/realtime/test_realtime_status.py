@@ -9,6 +9,7 @@ from loop_fixture import FakeLoop, Parked, RealLoop, attach_many, body
 
 from hachat.http.messages import Response, json_response
 from hachat.realtime import StatusWatch
+from hachat.realtime.status import process_first_version
 
 
 class StatusRender:
@@ -127,3 +128,15 @@ def test_publish_from_many_threads(loop):
         t.join()
     assert watch.version == 21
     assert body(p.response(2))["version"] == 2
+
+
+def test_versions_count_from_the_first_version_given(loop):
+    first = process_first_version()
+    watch = StatusWatch(loop, {"role": "passive"}, first_version=first)
+    assert watch.version == first and 10**15 < first < 2**53
+    watch.publish({"role": "active"})
+    assert watch.version == first + 1
+    # a version counted by another process (a peer, or this node before a restart)
+    other = Parked(loop, watch.wait(2, 30, StatusRender()))
+    assert body(other.response(1))["changed"] is True
+    assert process_first_version() > first  # a later process starts further on

@@ -3,12 +3,17 @@
 The node publishes its state (role, epoch, active node URL...) whenever it may have changed;
 a real change bumps `version` and answers every parked watcher at once. A watcher that asks
 with a version other than the current one (older, or from another process) is answered at once.
+
+A client following a failover carries the version it last saw to the other node, or to the
+same node restarted: each process therefore counts from its own start (`process_first_version`)
+so that a version seen on one process is never, by chance, another's current one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +24,14 @@ log = logging.getLogger(__name__)
 StatusRender = Callable[[dict, int, bool], Response]
 
 _RENDER_FAILED = Response(500, dumps({"error": "internal", "message": "could not render status"}))
+
+
+def process_first_version() -> int:
+    """A first version no other process has counted through: the microseconds since the Unix
+    epoch at start-up (16 digits, well inside the integers a JavaScript client reads exactly,
+    2**53, until the year 2255). Two processes' versions meet only if one changed state more
+    times than microseconds passed between their starts."""
+    return time.time_ns() // 1000
 
 
 class _StatusWaiter:
@@ -44,10 +57,11 @@ class _StatusWaiter:
 class StatusWatch:
     """Versioned node state with long-poll waiters. All public methods are thread-safe."""
 
-    def __init__(self, loop: LoopHandle, state: dict | None = None) -> None:
+    def __init__(self, loop: LoopHandle, state: dict | None = None, *,
+                 first_version: int = 1) -> None:
         self._loop = loop
         self._lock = threading.Lock()
-        self._version = 1
+        self._version = first_version
         self._state: dict = dict(state) if state else {}
         self._waiters: set[_StatusWaiter] = set()
 

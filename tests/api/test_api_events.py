@@ -6,6 +6,9 @@ import socket
 import threading
 import time
 
+import pytest
+from sqlalchemy import create_engine, text
+
 from support import ChatUser, call
 
 
@@ -280,3 +283,55 @@ def test_logging_out_ends_the_tokens_waiting_polls_with_401(api_node, unique):
     assert phone.status == 200
     assert [e["data"]["content"] for e in phone.json["events"]] == ["after logout"]
     assert bea("GET", f"/events?since={cursor}&timeout=0").status == 401
+
+
+def test_a_notify_event_id_is_a_cursor_while_an_earlier_write_is_still_in_flight(
+        api_node, backend_url, unique):
+    """Regression: on PostgreSQL writes commit concurrently, so `POST /notify` could answer an
+    `eventId` above the visible horizon (an earlier position still in flight); a client that
+    followed the stream from that id got `410 cursor_unknown` although the event was stored.
+    The earlier write is held here by a row that takes its position's key first."""
+    if not backend_url.startswith("postgresql"):
+        pytest.skip("SQLite commits one write at a time, in position order")
+    ana = ChatUser(api_node.url, unique("nf"))
+    slow_gid = ana("POST", "/groups", {"name": "slow"}).json["id"]
+    gid = ana("POST", "/groups", {"name": "fast"}).json["id"]
+    hub = call(api_node.url, "GET", "/stats", token="admin-secret").json["hub"]
+    held = hub["next_position"]
+    engine = create_engine(backend_url)
+    blocker = engine.connect()
+    try:
+        blocker.execute(text(
+            "INSERT INTO events (position, kind, payload, created_at, epoch) "
+            "VALUES (:p, 'test.hold', '{}', now(), 0)"), {"p": held})
+        slow: dict = {}
+        first = threading.Thread(target=lambda: slow.setdefault(
+            "reply", ana("POST", f"/notify/{slow_gid}", {"message": "slow"})))
+        first.start()
+        deadline = time.monotonic() + 5
+        while call(api_node.url, "GET", "/stats", token="admin-secret"
+                   ).json["hub"]["next_position"] == held and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fast = ana("POST", f"/notify/{gid}", {"message": "fast"})
+        assert fast.status == 200 and fast.json["eventId"] == held + 1, fast.raw
+        cursor = fast.json["eventId"]
+        at_once = ana("GET", f"/events?since={cursor}&timeout=0")
+        assert at_once.status == 200, at_once.raw
+        assert at_once.json == {"events": [], "cursor": cursor}
+        parked: dict = {}
+        poll = threading.Thread(target=lambda: parked.setdefault(
+            "reply", ana("GET", f"/events?since={cursor}&timeout=5", timeout=15)))
+        poll.start()
+        time.sleep(0.3)
+    finally:
+        blocker.rollback()
+        blocker.close()
+        engine.dispose()
+    first.join(10)
+    assert slow["reply"].status == 200 and slow["reply"].json["eventId"] == held
+    later = ana("POST", f"/notify/{gid}", {"message": "later"}).json["eventId"]
+    poll.join(10)
+    reply = parked["reply"]
+    assert reply.status == 200, reply.raw
+    # From the notify's id on: the events after it only (the slow one is before it).
+    assert [e["id"] for e in reply.json["events"]] == [later]

@@ -92,6 +92,19 @@ def test_reset_starts_after_last_position_and_ignores_old_generation():
     assert hub.visible_position() == 21
 
 
+def test_handed_out_positions_include_those_above_the_horizon():
+    hub = EventHub(FakeLoop())
+    assert not hub.handed_out(1)  # never active: nothing handed out
+    hub.reset(10)
+    assert hub.handed_out(10) and not hub.handed_out(11)
+    slow, fast = hub.reserve(), hub.reserve()
+    hub.complete(fast, ev(12))
+    assert hub.visible_position() == 10
+    assert hub.handed_out(12) and not hub.handed_out(13)  # 12 is committed, 11 in flight
+    hub.complete(slow, None)
+    assert hub.visible_position() == 12
+
+
 def test_complete_checks_position_and_ignores_duplicates(hub):
     t = hub.reserve()
     with pytest.raises(ValueError):

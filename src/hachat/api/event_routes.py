@@ -42,9 +42,13 @@ def events(ctx: ApiContext, request: Request) -> Response | Deferred:
     for _attempt in range(3):
         upto = ctx.hub.visible_position()
         if since > upto:
-            raise HTTPError(410, "cursor_unknown",
-                            f"cursor {since} is ahead of the stream ({upto}); "
-                            "reload with GET /messages and take a fresh cursor from GET /events")
+            if not ctx.hub.handed_out(since):
+                raise HTTPError(410, "cursor_unknown",
+                                f"cursor {since} is ahead of the stream ({upto}); reload with "
+                                "GET /messages and take a fresh cursor from GET /events")
+            # A position written here whose earlier neighbours are still in flight (e.g. the
+            # eventId of a notify): nothing after it is visible yet, so wait from it.
+            upto = since
         with reading(ctx) as session:
             floor = event_store.stream_floor(session)
             if since < floor:

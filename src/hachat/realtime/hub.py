@@ -235,6 +235,14 @@ class EventHub:
         with self._lock:
             return self._visible
 
+    def handed_out(self, position: int) -> bool:
+        """True when this node has handed `position` out since it became active: its
+        transaction committed or is still in flight. Writes commit concurrently (PostgreSQL),
+        so an event's position may be answered to its writer (`POST /notify`'s `eventId`)
+        before the positions below it are visible: such a cursor is not ahead of the stream."""
+        with self._lock:
+            return self._generation != 0 and position < self._next
+
     def head_position(self) -> int:
         """The position of the newest committed event (or the one `reset` started from).
 

@@ -290,6 +290,27 @@ def test_reset_answers_parked_waiters_with_their_cursor(loop, hub):
     assert zero_stats(hub)
 
 
+def test_an_uncertain_commit_sends_readers_below_it_to_the_database(loop, hub):
+    """A position whose COMMIT answer was lost may be stored: once the horizon passes it,
+    nobody parked below it gets later events from the hub (they would skip it)."""
+    render = CountingRender()
+    slow, lost, later = hub.reserve(), hub.reserve(), hub.reserve()
+    p = Parked(loop, hub.wait(1, {1}, 0, 0, 30, render))
+    hub.complete(lost, None, uncertain=True)
+    hub.complete(later, ev(3))
+    loop.flush()
+    assert not p.sent.is_set()  # nothing visible yet: 1 is in flight
+    hub.complete(slow, ev(1))  # 1, 2 (uncertain) and 3 become visible together
+    assert body(p.response(1)) == {"events": [], "cursor": 0}  # re-read the database
+    assert hub.visible_position() == 3 and hub.head_position() == 3
+    assert hub.wait(1, {1}, 0, 0, 30, render) is None  # a late poll below it re-reads too
+    fresh = Parked(loop, hub.wait(1, {1}, 0, 3, 30, render))  # read past it: waits as usual
+    publish(hub)
+    assert [e["id"] for e in body(fresh.response(1))["events"]] == [4]
+    with pytest.raises(ValueError):
+        hub.complete(hub.reserve(), ev(5), uncertain=True)
+
+
 def test_buffer_eviction_makes_wait_return_none():
     lp = FakeLoop()
     hub = EventHub(lp, buffer_size=3)

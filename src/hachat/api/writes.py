@@ -91,12 +91,12 @@ def fenced_write(ctx: ApiContext) -> Iterator[StreamWriter]:
         raise database_unavailable() from None
     finally:
         if writer is not None and writer.pending:
+            # The commit failed after the body ran: it may still have happened. The hub then
+            # sends the readers to the database once the horizon passes these positions,
+            # rather than let one skip a row it never saw.
+            uncertain = body_done and not committed
             for ticket, event in writer.pending:
-                ctx.hub.complete(ticket, event if committed else None)
-            if body_done and not committed:
-                # The commit failed: it may still have happened. Make every waiter re-read
-                # the database rather than let one skip a row the hub never saw.
-                ctx.hub.requery_all()
+                ctx.hub.complete(ticket, event if committed else None, uncertain=uncertain)
 
 
 @contextmanager

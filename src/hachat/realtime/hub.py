@@ -57,6 +57,10 @@ ENDED_SESSION_MEMORY = 120.0
 
 _consume = deque(maxlen=0).extend  # run an iterator to its end, in C
 
+# A position whose transaction's outcome is unknown (the COMMIT's answer was lost): completed,
+# but its row may or may not be stored, and the hub never holds its event.
+_UNCERTAIN = object()
+
 _RENDER_FAILED = Response(500, dumps({"error": "internal", "message": "could not render events"}))
 
 
@@ -181,12 +185,22 @@ class EventHub:
         finally:
             self.complete(r.ticket, r.event)
 
-    def complete(self, ticket: Ticket, event: Event | None) -> None:
-        """The ticket's transaction committed `event`, or was abandoned (`None`)."""
+    def complete(self, ticket: Ticket, event: Event | None, *, uncertain: bool = False
+                 ) -> None:
+        """The ticket's transaction committed `event`, or was abandoned (`None`).
+
+        `uncertain`: its COMMIT's outcome is unknown (the answer was lost), so its event may be
+        stored without the hub having it. When the horizon passes such a position, every
+        parked waiter is answered with no events (it re-reads the database) and the buffer's
+        floor moves up to it, so no reader takes a later event from the hub past it.
+        """
         position = ticket.position
-        if event is not None and event.position != position:
-            raise ValueError(f"event position {event.position} != ticket position {position}")
+        if event is not None and (uncertain or event.position != position):
+            raise ValueError(f"event {event.position} for ticket {position} "
+                             f"(uncertain={uncertain})")
+        done: Event | object | None = _UNCERTAIN if uncertain else event
         schedule = False
+        requery: list[_Waiter] = []
         with self._lock:
             if ticket.generation != self._generation:
                 log.debug("ignoring completion of position %d from generation %d",
@@ -198,31 +212,41 @@ class EventHub:
                 log.warning("ignoring duplicate or unknown completion of position %d", position)
                 return
             if position != visible + 1:
-                completed[position] = event  # waits for the gap below it
+                completed[position] = done  # waits for the gap below it
                 return
-            new: list[Event] = [] if event is None else [event]
+            new: list[Event] = []
+            doubt = 0  # the highest uncertain position the horizon passes now
+            ev: Any = done
             visible = position
-            while completed:
+            while True:
+                if ev is _UNCERTAIN:
+                    doubt = visible
+                elif ev is not None:
+                    new.append(ev)
                 nxt = visible + 1
                 if nxt not in completed:
                     break
                 ev = completed.pop(nxt)
                 visible = nxt
-                if ev is not None:
-                    new.append(ev)
             self._visible = visible
-            if not new:
-                return
-            self._head = new[-1].position
-            buf = self._buffer
-            maxlen = buf.maxlen
-            for ev in new:
-                if len(buf) == maxlen:
-                    self._floor = buf[0].position  # about to be evicted
-                buf.append(ev)
-            self._pending.extend(new)
-            if not self._fanout_scheduled:
-                self._fanout_scheduled = schedule = True
+            if doubt:
+                # The events after `doubt` are still buffered and fanned out, but nobody who
+                # parked below it may get them from the hub: they would pass it unseen.
+                self._floor = max(self._floor, doubt)
+                requery = self._take_all_locked()
+            if new:
+                self._head = new[-1].position
+                buf = self._buffer
+                maxlen = buf.maxlen
+                for ev in new:
+                    if len(buf) == maxlen:
+                        self._floor = max(self._floor, buf[0].position)  # about to be evicted
+                    buf.append(ev)
+                self._pending.extend(new)
+                if not self._fanout_scheduled:
+                    self._fanout_scheduled = schedule = True
+        if requery:
+            self._loop.call_soon_threadsafe(self._answer_empty, requery)
         if schedule:
             try:
                 self._loop.call_soon_threadsafe(self._fanout)
@@ -329,8 +353,8 @@ class EventHub:
 
     def requery_all(self) -> int:
         """Answer every parked waiter with no events and its own cursor, so each re-reads the
-        database. For when a commit's outcome is unknown: its row may exist without the hub
-        having seen it, and no waiter may skip past it."""
+        database. (A commit whose outcome is unknown is completed with `uncertain=True`,
+        which does this when the horizon passes its position.)"""
         with self._lock:
             waiters = self._take_all_locked()
         if waiters:

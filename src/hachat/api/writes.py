@@ -24,8 +24,11 @@ from hachat.store import events as event_store
 from hachat.store.lease import assert_holder
 
 
-def iso_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def iso_of(moment: datetime) -> str:
+    """`moment` (aware) as the API writes it: ISO 8601 UTC to the millisecond, with a 'Z'.
+    The same text as an event read back from its row (`views.iso`)."""
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
 
 
 class StreamWriter:
@@ -40,18 +43,22 @@ class StreamWriter:
     def emit(self, kind: str, group_id: int | None, target_user_id: int | None,
              payload: dict[str, Any]) -> Event:
         ticket = self.ctx.hub.reserve()
+        # One clock reading for the row and the event the hub delivers live, so a replay from
+        # the database gives the very same event.
+        moment = datetime.now(timezone.utc)
         # Registered before the insert so an insert failure still abandons the position.
-        event = Event(ticket.position, kind, group_id, target_user_id, payload, iso_now())
+        event = Event(ticket.position, kind, group_id, target_user_id, payload, iso_of(moment))
         self.pending.append((ticket, event))
         event_store.append_event(self.session, ticket.position, kind, group_id, target_user_id,
-                                 payload, self.epoch)
+                                 payload, self.epoch, created_at=moment)
         return event
 
     def emit_many(self, items: list[tuple[str, int | None, int | None, dict[str, Any]]]
                   ) -> list[Event]:
         """`emit` for many `(kind, group_id, target_user_id, payload)`: positions in list
         order, rows inserted as one batch."""
-        stamp = iso_now()
+        moment = datetime.now(timezone.utc)  # the rows' created_at and the events' createdAt
+        stamp = iso_of(moment)
         events: list[Event] = []
         rows = []
         for kind, group_id, target, payload in items:
@@ -60,7 +67,7 @@ class StreamWriter:
             self.pending.append((ticket, event))
             events.append(event)
             rows.append((ticket.position, kind, group_id, target, payload))
-        event_store.append_events(self.session, rows, self.epoch)
+        event_store.append_events(self.session, rows, self.epoch, created_at=moment)
         return events
 
 

@@ -6,7 +6,7 @@ must only ask for positions up to the hub's visible position (`upto`).
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
@@ -58,11 +58,13 @@ def message_id_of(kind: str, payload: dict[str, Any]) -> int | None:
 
 def append_event(s: Session, position: int, kind: str, group_id: int | None,
                  target_user_id: int | None, payload: dict[str, Any], epoch: int,
-                 *, message_id: int | None = None) -> EventRow:
+                 *, message_id: int | None = None,
+                 created_at: datetime | None = None) -> EventRow:
     """Insert one event at `position` (payload stored as compact JSON).
 
     `message_id` (for redaction) defaults to what `message_id_of(kind, payload)` finds; only
-    a `message.*` event may have one.
+    a `message.*` event may have one. `created_at` (aware) defaults to now; pass the moment
+    the caller also shows for the event, so the stored row reads back the same.
     """
     if message_id is None:
         message_id = message_id_of(kind, payload)
@@ -70,7 +72,8 @@ def append_event(s: Session, position: int, kind: str, group_id: int | None,
         raise ValueError(f"a {kind!r} event is not about a message: it takes no message_id")
     values = {"position": int(position), "kind": kind, "group_id": group_id,
               "target_user_id": target_user_id, "message_id": message_id,
-              "payload": _dumps(payload), "created_at": utcnow(), "epoch": int(epoch)}
+              "payload": _dumps(payload), "created_at": created_at or utcnow(),
+              "epoch": int(epoch)}
     # Plain SQL, not the unit of work: this runs on every chat write.
     params = dict(values, created_at=rawsql.timestamp_param(values["created_at"],
                                                             rawsql.dialect_of(s)))
@@ -79,12 +82,14 @@ def append_event(s: Session, position: int, kind: str, group_id: int | None,
 
 
 def append_events(s: Session, items: list[tuple[int, str, int | None, int | None,
-                                                dict[str, Any]]], epoch: int) -> None:
+                                                dict[str, Any]]], epoch: int,
+                  *, created_at: datetime | None = None) -> None:
     """Insert many events, each `(position, kind, group_id, target_user_id, payload)`, as one
-    batch (pipelined on PostgreSQL). Message ids for redaction come from `message_id_of`."""
+    batch (pipelined on PostgreSQL). Message ids for redaction come from `message_id_of`;
+    `created_at` (aware, default now) is every row's."""
     if not items:
         return
-    stamp = rawsql.timestamp_param(utcnow(), rawsql.dialect_of(s))
+    stamp = rawsql.timestamp_param(created_at or utcnow(), rawsql.dialect_of(s))
     rows = [{"position": int(position), "kind": kind, "group_id": group_id,
              "target_user_id": target, "message_id": message_id_of(kind, payload),
              "payload": _dumps(payload), "created_at": stamp, "epoch": int(epoch)}

@@ -312,3 +312,33 @@ def test_json_numbers_beyond_a_double_are_refused_not_stored_as_infinity(api_nod
     assert ana("GET", "/events", b'{"since": 0, "timeout": %s}' % number).status == 400
     later = ana("GET", f"/events?since={cursor}&timeout=0")
     assert later.status == 200 and later.json["events"] == [], later.raw
+
+
+@pytest.mark.parametrize("depth", [150, 900, 984, 987, 5000])
+def test_json_nested_too_deep_is_refused_not_stored_to_break_the_stream(api_node, pair, depth):
+    """Regression: a /notify message nested ~985 levels deep was parsed and stored (200), but
+    every later GET /events over its position failed with 500 (RecursionError while encoding
+    the answer), so one member cut the whole group off its stream for the retention window.
+    Bodies nested deeper than the documented limit are 400 invalid_json; nothing is stored."""
+    ana, bea, gid = pair
+    cursor = bea("GET", "/events").json["cursor"]
+    body = b'{"message": ' + b"[" * depth + b"]" * depth + b"}"
+    reply = ana("POST", f"/notify/{gid}", body)
+    assert reply.status == 400 and reply.json["error"] == "invalid_json", reply.raw
+    assert "nested" in reply.json["message"] and "recursion" not in reply.json["message"]
+    assert ana("POST", "/messages", b'{"groupId": %d, "content": "x", "extra": %s}'
+               % (gid, b"[" * depth + b"]" * depth)).status == 400
+    later = bea("GET", f"/events?since={cursor}&timeout=0")
+    assert later.status == 200 and later.json["events"] == [], later.raw
+
+
+def test_json_nested_within_the_limit_is_delivered(api_node, pair):
+    ana, bea, gid = pair
+    cursor = bea("GET", "/events").json["cursor"]
+    message = {"a": [[[{"b": [1]}]]]}
+    for _ in range(90):
+        message = [message]
+    reply = ana("POST", f"/notify/{gid}", {"message": message})
+    assert reply.status == 200, reply.raw
+    later = bea("GET", f"/events?since={cursor}&timeout=0")
+    assert later.status == 200 and later.json["events"][0]["data"]["message"] == message

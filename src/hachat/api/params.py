@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from hachat.api.errors import invalid_field, invalid_json, secret_in_query
-from hachat.http.messages import Request
+from hachat.http.messages import HTTPError, Request
 
 INT64_MAX = 2**63 - 1
 _MISSING = object()
@@ -27,6 +27,11 @@ _DECIMAL_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]
 _UNSIGNED_DECIMAL_TEXT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
 _TEXT_MAX = 40  # a longer number is no timeout anyone means
 _INT_DIGITS_MAX = 4000  # below Python's own limit on reading integers (4,300 digits)
+# Arrays and objects nested deeper than this are refused. A body is echoed back later (a
+# /notify message in every member's /events answers, wrapped in a few more levels): without
+# a bound, a value Python could just parse (~990 levels) would be stored and then fail to
+# encode on every read of the stream.
+JSON_DEPTH_MAX = 100
 
 
 # Names that carry a secret. They are refused in any query string (a URL is written to proxy
@@ -213,11 +218,37 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
                            parse_int=_bounded_int)
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise _too_deep_error() from None
+    except ValueError as exc:
         raise invalid_json(f"the body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise invalid_json("the body must be a JSON object")
+    if body.count(b"[") + body.count(b"{") > JSON_DEPTH_MAX and _too_deep(value):
+        raise _too_deep_error()
     return value
+
+
+def _too_deep_error() -> HTTPError:
+    return invalid_json(f"the body's arrays and objects are nested more than {JSON_DEPTH_MAX} "
+                        "levels deep")
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether arrays and objects nest more than JSON_DEPTH_MAX levels: one level at a time,
+    without recursion (json.loads builds only dicts and lists as containers)."""
+    level = [value]
+    depth = 1
+    while level:
+        if depth > JSON_DEPTH_MAX:
+            return True
+        inner: list[Any] = []
+        for item in level:
+            inner += [child for child in (item.values() if item.__class__ is dict else item)
+                      if child.__class__ is dict or child.__class__ is list]
+        level = inner
+        depth += 1
+    return False
 
 
 def _reject_constant(name: str) -> None:

@@ -114,3 +114,60 @@ def test_an_idempotency_key_that_is_not_utf8_is_refused(api_node, unique):
                                          {"groupId": gid, "content": "y"}, b"ok",
                                          {"X-Note": b"caf\xe9"})
     assert status == 201, reply
+
+
+# A body of many small arrays: the costliest JSON to parse per byte.
+_HEAVY_BODY = b'{"timeout": 0, "x": [' + b",".join([b"[]"] * 300_000) + b"]}"
+
+
+def test_loop_routes_refuse_big_bodies_before_parsing_them(api_node):
+    """Regression: /login and /subscribe/status are answered on the loop thread, and parsed
+    any body up to MAX_BODY_BYTES there: 1 MiB of `[[],[],...]` took ~0.1 s of the one
+    thread every connection waits on, unauthenticated and (for /subscribe/status) without a
+    rate limit, so a handful of such clients made /health take 0.2-0.7 s. These routes need
+    a few hundred bytes: a body over 16 KiB is 413 body_too_large, not parsed."""
+    for path in ("/subscribe/status?timeout=0", "/login", "/", "/health", "/ready"):
+        method = "POST" if path == "/login" else "GET"
+        reply = call(api_node.url, method, path, _HEAVY_BODY)
+        assert reply.status == 413, (path, reply.raw)
+        assert reply.json["error"] == "body_too_large" and "16384" in reply.json["message"]
+    # a body the route needs still passes, and one just under the bound too
+    assert call(api_node.url, "GET", "/subscribe/status", {"timeout": 0}).status == 200
+    padded = {"timeout": 0, "pad": "x" * (16 * 1024 - 40)}
+    assert call(api_node.url, "GET", "/subscribe/status", padded).status == 200
+
+
+def test_big_bodies_to_loop_routes_do_not_stall_other_clients(api_node):
+    """The same, as other clients see it: /health stays fast while several connections send
+    1 MiB bodies to /subscribe/status."""
+    import threading
+    import time
+
+    parts = urlsplit(api_node.url)
+    request = (b"GET /subscribe/status?timeout=0 HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
+               b"\r\n\r\n" % len(_HEAVY_BODY)) + _HEAVY_BODY
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+                sock.sendall(request)
+                sock.recv(4096)
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    latencies = []
+    try:
+        time.sleep(0.3)
+        for _ in range(30):
+            start = time.perf_counter()
+            assert call(api_node.url, "GET", "/health").status == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.03)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    latencies.sort()
+    assert latencies[len(latencies) // 2] < 0.03, latencies

@@ -18,7 +18,8 @@ HandlerFn = Callable[[Any, Request], "Response | Deferred"]
 
 # The most a route answered on the loop thread (`blocking=False`) takes in a body. Those
 # routes need a few hundred bytes at most (a login), and every connection waits while the
-# loop parses: 1 MiB of JSON costs it ~0.1 s. Worker routes take up to MAX_BODY_BYTES.
+# loop parses: 128 KiB of JSON can cost it ~15 ms. Worker routes take up to
+# MAX_BODY_BYTES.
 LOOP_BODY_MAX = 16 * 1024
 
 

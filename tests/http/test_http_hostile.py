@@ -4,6 +4,7 @@ and the server still serving a fresh connection. Plus limits and timeouts."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -301,3 +302,54 @@ def test_endless_trailer_is_bounded(make_server, app):
             c.send(b"t" * 1024)
         assert_error_then_closed(c, 413, "body_too_large")
     assert app.hits["/echo"] == 0
+
+
+def _send_for(sock, data: bytes, seconds: float) -> int:
+    """Send what the server takes within `seconds` (without blocking): the bytes sent."""
+    sock.setblocking(False)
+    sent, deadline = 0, time.monotonic() + seconds
+    while sent < len(data) and time.monotonic() < deadline:
+        try:
+            sent += sock.send(data[sent:sent + 65536])
+        except BlockingIOError:
+            time.sleep(0.005)
+    sock.setblocking(True)
+    return sent
+
+
+def test_parsed_ahead_requests_are_bounded_in_bytes_not_only_in_number(make_server, app):
+    """Regression: behind a request in progress (a long-poll), the server parsed ahead up to
+    32 pipelined requests whatever their size: 32 x MAX_BODY_BYTES held per connection
+    (4 MiB at the default 128 KiB, 32 MiB at the old 1 MiB), so a few hundred unauthenticated
+    connections took gigabytes. Reading now pauses once the queued requests hold 64 KiB."""
+    server = make_server(app, max_body_bytes=128 * 1024)
+    body = b"x" * (100 * 1024)
+    post = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    data = b"GET /park?30 HTTP/1.1\r\nHost: t\r\n\r\n" + post * 40
+    clients = [Client(server.address) for _ in range(3)]
+    senders = []
+    try:
+        sent = [_send_for(c.sock, data, 1.0) for c in clients]
+        assert wait_for(lambda: server.stats()["parked"] == 3)
+        time.sleep(0.3)
+        held = server.stats()["queued_bytes"]
+        # per connection: the 64 KiB budget, plus what one read and the request being read
+        # add before reading pauses (one body at most)
+        assert held <= 3 * (64 * 1024 + 64 * 1024 + len(post)), held
+        # the queue still drains in order once the long-polls are answered
+        for deferred in app.parked:
+            deferred.resolve(app.routes["/health"].fn(None))
+        for c, n in zip(clients, sent, strict=True):
+            c.sock.settimeout(10)
+            senders.append(threading.Thread(target=c.sock.sendall, args=(data[n:],)))
+            senders[-1].start()
+        for c in clients:
+            assert c.read_response().status == 200
+            for _ in range(40):
+                assert c.read_response().status == 200
+    finally:
+        for thread in senders:
+            thread.join(10)
+        for c in clients:
+            c.close()
+    assert wait_for(lambda: server.stats()["queued_bytes"] == 0)

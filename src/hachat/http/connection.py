@@ -4,7 +4,7 @@ Everything here runs on the loop thread, except `_run_blocking` (a worker thread
 calls the handler and hands the result back with `call_soon_threadsafe`.
 
 Requests are parsed ahead (pipelining) into `_pending`, but handled one at a time and answered
-strictly in order. After a request that breaks the rules nothing more is parsed: the requests
+strictly in order; reading pauses while 32 of them, or 64 KiB of them, wait. After a request that breaks the rules nothing more is parsed: the requests
 before it are answered, then the error (with `Connection: close`), then the connection closes.
 
 End of input (the client's FIN) means the client will send nothing more, not that it stopped
@@ -50,6 +50,9 @@ log = logging.getLogger("hachat.http")
 
 PIPELINE_MAX = 32  # parsed-ahead requests per connection before we stop reading
 PIPELINE_RESUME = 8
+# ... or parsed-ahead bytes (bodies and header blocks): 32 requests of MAX_BODY_BYTES each
+# would hold megabytes per connection.
+PIPELINE_MAX_BYTES = 64 * 1024
 LINGER_SECONDS = 2.0  # after an error response: wait this long for the client's FIN
 LINGER_MAX_BYTES = 1 << 20  # ... discarding at most this much input
 CHUNK_LINE_MAX = 4096  # a chunk-size line (with any extensions) the server reads, at most
@@ -125,7 +128,7 @@ class Connection:
         "_in_headers", "_msg_active", "_want_continue", "_reject", "_method", "_version",
         "_keep_alive", "_target", "_path", "_query",
         # requests and responses
-        "_pending", "_error", "_paused", "_current", "_parked",
+        "_pending", "_sizes", "_queued", "_error", "_paused", "_current", "_parked",
         "_eof", "_linger", "_discarded", "_out",
         # timer heap entry
         "deadline", "_heap_when",
@@ -161,6 +164,8 @@ class Connection:
         self._method = self._version = self._target = self._path = self._query = ""
         self._keep_alive = True
         self._pending: deque[Request] = deque()
+        self._sizes: deque[int] = deque()  # the bytes each of `_pending` holds
+        self._queued = 0  # their sum
         self._error: HTTPError | None = None
         self._paused = self._eof = self._linger = False
         self._current: Request | None = None
@@ -325,6 +330,17 @@ class Connection:
         self._pending.append(Request(
             self._method, self._target, self._path, self._query, headers, body,
             self._version, self._addr, self._keep_alive))
+        size = len(body) + self._hbytes
+        self._sizes.append(size)
+        self._queued += size
+        self._server._queued_bytes += size
+
+    def _drop_pending(self) -> None:
+        """Forget the parsed-ahead requests (they will not be answered)."""
+        self._pending.clear()
+        self._sizes.clear()
+        self._server._queued_bytes -= self._queued
+        self._queued = 0
 
     def _fail_parse(self, status: int, code: str, message: str) -> None:
         self._reject = HTTPError(status, code, message, close=True)
@@ -390,7 +406,8 @@ class Connection:
                                              "chunked request body too large", close=True))
                     else:
                         self._check_chunk_size(self._server._rbuf, n)
-            if len(self._pending) >= PIPELINE_MAX and not self._paused:
+            if not self._paused and (len(self._pending) >= PIPELINE_MAX
+                                     or self._queued > PIPELINE_MAX_BYTES):
                 self._paused = True
                 self._update_mask()
         st = self.state
@@ -542,7 +559,11 @@ class Connection:
                 return
             if pending:
                 req = pending.popleft()
-                if self._paused and len(pending) <= PIPELINE_RESUME:
+                size = self._sizes.popleft()
+                self._queued -= size
+                server._queued_bytes -= size
+                if self._paused and len(pending) <= PIPELINE_RESUME and (
+                        self._queued <= PIPELINE_MAX_BYTES // 2):
                     self._paused = False
                     self._update_mask()
                 self._set(HANDLING)
@@ -700,7 +721,7 @@ class Connection:
         except OSError:
             self._close()
             return
-        self._pending.clear()
+        self._drop_pending()
         self._msg_active = False
         self._paused = False
         self._update_mask()
@@ -794,7 +815,7 @@ class Connection:
         if st is IDLE or st is WRITING or st is CLOSING:
             self._close()  # idle keep-alive, stalled reader, or lingering: silently
         elif st is READING:
-            self._pending.clear()
+            self._drop_pending()
             self._error = None
             self._msg_active = False
             self._send_final(HTTPError(408, "request_timeout",
@@ -843,7 +864,7 @@ class Connection:
         self._loop.unregister(self.fd)
         with contextlib.suppress(OSError):
             self._sock.close()
-        self._pending.clear()
+        self._drop_pending()
         self._out = None
         self._current = None
         self._parser = None  # break the parser <-> connection cycle

@@ -105,6 +105,7 @@ class HTTPServer:
         self._parked = 0
         self._served = 0
         self._in_flight = 0
+        self._queued_bytes = 0  # bytes of requests parsed ahead, not yet handled (all conns)
         self._accepted = 0
         # lifecycle
         self._lock = threading.RLock()
@@ -209,6 +210,7 @@ class HTTPServer:
             "parked": self._parked,
             "requests": self._served,
             "in_flight": self._in_flight,
+            "queued_bytes": self._queued_bytes,
             "accepted": self._accepted,
             "timers": self._loop.pending_timers(),
             "closing": self._closing,

@@ -173,10 +173,27 @@ class Authenticator:
             # Came through a proxy on this machine: the real client is elsewhere.
             raise forbidden("set ADMIN_TOKEN to allow this through a proxy; "
                             "without it only direct loopback clients may")
+        if _sent_by_a_web_page(request):
+            # A browser on this machine running some site's script (cross-site, or same-origin
+            # after DNS rebinding): loopback by address, but not the operator.
+            raise forbidden("a request a web page made is refused; set ADMIN_TOKEN to allow "
+                            "this from a browser (without it only curl or scripts on this "
+                            "machine may)")
         host = request.client_address[0] if request.client_address else ""
         if not _is_loopback(host):
             raise forbidden("set ADMIN_TOKEN to allow this from other hosts; "
                             "without it only loopback clients may")
+
+
+def _sent_by_a_web_page(request: Request) -> bool:
+    """Whether a browser sent this for a page's script or form: browsers add `Origin` to
+    every request but GET and HEAD, and `Sec-Fetch-Site` to every request, "none" only for
+    what a person typed or bookmarked. Neither is in a request curl or a script makes."""
+    headers = request.headers
+    if "origin" in headers:
+        return True
+    site = dict.get(headers, "sec-fetch-site")  # any bytes: only its presence and ASCII matter
+    return site is not None and site.strip().lower() != "none"
 
 
 def _is_loopback(host: str) -> bool:

@@ -342,3 +342,36 @@ def test_json_nested_within_the_limit_is_delivered(api_node, pair):
     assert reply.status == 200, reply.raw
     later = bea("GET", f"/events?since={cursor}&timeout=0")
     assert later.status == 200 and later.json["events"][0]["data"]["message"] == message
+
+
+def test_an_event_stored_too_deep_to_encode_does_not_break_the_stream(api_node, pair,
+                                                                       backend_url):
+    """Events written before the nesting limit (or by any future way around it) must not cut
+    members off their stream: one that cannot be read or encoded is served with
+    `"data": null, "unreadable": true`, and the events around it as usual."""
+    from sqlalchemy import create_engine, make_url, text
+
+    url = make_url(backend_url)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    ana, bea, gid = pair
+    cursor = bea("GET", "/events").json["cursor"]
+    first = ana("POST", f"/notify/{gid}", {"message": "before"}).json["eventId"]
+    poisoned = ana("POST", f"/notify/{gid}", {"message": "poisoned"}).json["eventId"]
+    last = ana("POST", f"/notify/{gid}", {"message": "after"}).json["eventId"]
+    for depth in (984, 995):  # encodes no more / parses no more
+        deep = '{"message":' + "[" * depth + "]" * depth + f',"from":{ana.id}}}'
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("UPDATE events SET payload = :p WHERE position = :pos"),
+                             {"p": deep, "pos": poisoned})
+        finally:
+            engine.dispose()
+        reply = bea("GET", f"/events?since={cursor}&timeout=0")
+        assert reply.status == 200, reply.raw[:300]
+        events = {e["id"]: e for e in reply.json["events"]}
+        assert events[first]["data"]["message"] == "before"
+        assert events[poisoned]["data"] is None and events[poisoned]["unreadable"] is True
+        assert events[poisoned]["type"] == "group.notify"
+        assert events[last]["data"]["message"] == "after"

@@ -57,7 +57,8 @@ ENDED_SESSION_MEMORY = 120.0
 
 _consume = deque(maxlen=0).extend  # run an iterator to its end, in C
 
-_RENDER_FAILED = Response(500, dumps({"error": "internal", "message": "could not render events"}))
+_RENDER_FAILED = Response(500, dumps({"error": "internal_error",
+                                      "message": "could not render events"}))
 
 
 @dataclass(frozen=True, slots=True)

@@ -375,3 +375,24 @@ def test_an_event_stored_too_deep_to_encode_does_not_break_the_stream(api_node, 
         assert events[poisoned]["data"] is None and events[poisoned]["unreadable"] is True
         assert events[poisoned]["type"] == "group.notify"
         assert events[last]["data"]["message"] == "after"
+
+
+def test_a_query_field_given_twice_is_422_not_silently_the_last(api_node, pair, unique):
+    """Regression: `?memberIds=1&memberIds=2` (how many clients write a list) created the
+    group with member 2 only, and `?groupId=1&groupId=2` read group 2: the last value won
+    without a word. A field named twice in the query string is 422 naming it; nothing is
+    done. (A list goes in one field, comma-separated, or in the JSON body.)"""
+    ana, bea, gid = pair
+    third = ChatUser(api_node.url, unique("third"))
+    before = len(ana("GET", "/chats").json["chats"])
+    reply = ana("POST", f"/groups?name=twice&memberIds={bea.id}&memberIds={third.id}")
+    assert reply.status == 422 and reply.json["field"] == "memberIds", reply.raw
+    assert "more than once" in reply.json["message"]
+    assert len(ana("GET", "/chats").json["chats"]) == before
+    reply = ana("GET", f"/messages?groupId={gid}&groupId=9000000")
+    assert reply.status == 422 and reply.json["field"] == "groupId", reply.raw
+    reply = call(api_node.url, "GET", "/subscribe/status?timeout=0&timeout=1")
+    assert reply.status == 422 and reply.json["field"] == "timeout", reply.raw
+    # one field, comma-separated, is the list form
+    reply = ana("POST", f"/groups?name=once&memberIds={bea.id},{third.id}")
+    assert reply.status == 201 and set(reply.json["memberIds"]) == {ana.id, bea.id, third.id}

@@ -62,6 +62,19 @@ def reject_secrets_in_query(query_string: str) -> None:
                      "nothing was done")
 
 
+def parse_query(query_string: str) -> dict[str, str]:
+    """The query string's fields. One named twice is 422: taking the last (or the first)
+    would quietly drop what the client meant, e.g. `memberIds=1&memberIds=2` (a list is
+    one field, comma-separated)."""
+    fields: dict[str, str] = {}
+    for key, value in parse_qsl(query_string, keep_blank_values=True):
+        if key in fields:
+            raise invalid_field(key, f"'{key}' is given more than once in the query string; "
+                                     "give it once (a list of ids: comma-separated)")
+        fields[key] = value
+    return fields
+
+
 class Params:
     """Fields of one request: the JSON body's (when it has one) over the query string's."""
 
@@ -73,8 +86,7 @@ class Params:
 
     @classmethod
     def of(cls, request: Request) -> Params:
-        query = dict(parse_qsl(request.query_string, keep_blank_values=True)) \
-            if request.query_string else {}
+        query = parse_query(request.query_string) if request.query_string else {}
         return cls(parse_json_object(request.body), query)
 
     def raw(self, name: str) -> tuple[Any, bool]:

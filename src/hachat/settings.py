@@ -34,6 +34,9 @@ class HTTPSettings:
     shutdown_grace: float = 10.0
     backlog: int = 1024
     max_connections: int = 20_000  # fewer if the open-file limit allows fewer (server.py)
+    # From one address at most (0: no limit); loopback (a proxy on this machine) is not held
+    # to it, so that one client cannot take every connection.
+    max_connections_per_address: int = 512
     # file descriptors kept for everything but connections (see `server.fit_open_files`)
     fd_reserve: int = 64
 
@@ -187,6 +190,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True,
         shutdown_grace=_number(env, "SHUTDOWN_GRACE", 10.0, float, 0.0),
         backlog=_number(env, "BACKLOG", 1024, int, 1),
         max_connections=_number(env, "MAX_CONNECTIONS", 20_000, int, 1),
+        max_connections_per_address=_number(env, "MAX_CONNECTIONS_PER_ADDRESS", 512, int, 0),
         # Besides connections the process holds the database pools' connections (up to
         # 2 x DB_POOL_SIZE, plus a few; on SQLite each is up to three files), logs, the
         # listener, the poller.

@@ -132,6 +132,8 @@ class Connection:
         "_eof", "_linger", "_discarded", "_out",
         # timer heap entry
         "deadline", "_heap_when",
+        # the peer address the server counts this connection against (None: not counted)
+        "peer_host",
     )
 
     def __init__(self, server: HTTPServer, sock: socket.socket, addr: Any) -> None:
@@ -174,6 +176,7 @@ class Connection:
         self._out: bytearray | None = None
         self.deadline: float | None = None
         self._heap_when: float | None = None
+        self.peer_host: str | None = None
 
     def __repr__(self) -> str:
         return f"<Connection fd={self.fd} {self.state.name} {self._addr!r}>"

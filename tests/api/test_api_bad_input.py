@@ -396,3 +396,24 @@ def test_a_query_field_given_twice_is_422_not_silently_the_last(api_node, pair, 
     # one field, comma-separated, is the list form
     reply = ana("POST", f"/groups?name=once&memberIds={bea.id},{third.id}")
     assert reply.status == 201 and set(reply.json["memberIds"]) == {ana.id, bea.id, third.id}
+
+
+def test_query_text_that_is_not_utf8_is_422_not_stored_as_replacement_characters(api_node, pair):
+    """Regression: a body that is not UTF-8 is refused, but percent-encoded bytes in the query
+    string were decoded with replacement: `content=caf%E9` (Latin-1 é) was stored as "caf\ufffd"
+    and `name=%FF` made a group named "\ufffd". Such a field is 422 naming it; nothing is
+    stored."""
+    ana, _, gid = pair
+    before = _count(ana, gid)
+    chats = len(ana("GET", "/chats").json["chats"])
+    reply = ana("POST", f"/messages?groupId={gid}&content=caf%E9")
+    assert reply.status == 422 and reply.json["field"] == "content", reply.raw
+    assert "UTF-8" in reply.json["message"]
+    reply = ana("POST", "/groups?name=%FF%FE")
+    assert reply.status == 422 and reply.json["field"] == "name", reply.raw
+    assert _count(ana, gid) == before
+    assert len(ana("GET", "/chats").json["chats"]) == chats
+    reply = ana("GET", f"/messages?groupId={gid}&%FF=1")
+    assert reply.status == 422 and reply.json["error"] == "invalid_field", reply.raw
+    posted = ana("POST", f"/messages?groupId={gid}&content=caf%C3%A9")
+    assert posted.status == 201 and posted.json["content"] == "caf\u00e9", posted.raw

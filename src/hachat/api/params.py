@@ -67,7 +67,14 @@ def parse_query(query_string: str) -> dict[str, str]:
     would quietly drop what the client meant, e.g. `memberIds=1&memberIds=2` (a list is
     one field, comma-separated)."""
     fields: dict[str, str] = {}
-    for key, value in parse_qsl(query_string, keep_blank_values=True):
+    # Percent-encoded bytes must be UTF-8, as bodies must: never replaced with U+FFFD.
+    for key, value in parse_qsl(query_string, keep_blank_values=True, errors="surrogateescape"):
+        if not _is_unicode(key):
+            raise invalid_field(key.encode("utf-8", "replace").decode(),
+                                "a field name in the query string is not UTF-8 text")
+        if not _is_unicode(value):
+            raise invalid_field(key, f"'{key}' in the query string is not UTF-8 text "
+                                     "(percent-encode its UTF-8 bytes)")
         if key in fields:
             raise invalid_field(key, f"'{key}' is given more than once in the query string; "
                                      "give it once (a list of ids: comma-separated)")
@@ -208,6 +215,17 @@ class Params:
                 raise invalid_field(name, f"'{name}' is required")
             return None
         return value
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether `text` holds no lone surrogate (an undecodable byte, or a JSON `\\ud800`)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _require_unicode(name: str, value: str) -> None:

@@ -417,3 +417,18 @@ def test_query_text_that_is_not_utf8_is_422_not_stored_as_replacement_characters
     assert reply.status == 422 and reply.json["error"] == "invalid_field", reply.raw
     posted = ana("POST", f"/messages?groupId={gid}&content=caf%C3%A9")
     assert posted.status == 201 and posted.json["content"] == "caf\u00e9", posted.raw
+
+
+def test_a_json_key_given_twice_is_400_not_silently_the_last(api_node, pair):
+    """As for the query string: `{"groupId": 1, "groupId": 2}` acted on group 2, though a
+    proxy or filter reading the first value would have seen group 1. A name twice in one
+    JSON object (I-JSON, RFC 7493) is 400 invalid_json naming it; nothing is stored."""
+    ana, _, gid = pair
+    before = _count(ana, gid)
+    body = b'{"groupId": %d, "content": "one", "content": "two"}' % gid
+    reply = ana("POST", "/messages", body)
+    assert reply.status == 400 and reply.json["error"] == "invalid_json", reply.raw
+    assert "content" in reply.json["message"] and "twice" in reply.json["message"]
+    reply = ana("POST", f"/notify/{gid}", b'{"message": {"a": 1, "a": 2}}')
+    assert reply.status == 400 and reply.json["error"] == "invalid_json", reply.raw
+    assert _count(ana, gid) == before

@@ -247,7 +247,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise invalid_json("the body is not valid UTF-8") from None
     try:
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
-                           parse_int=_bounded_int)
+                           parse_int=_bounded_int, object_pairs_hook=_unique_names)
     except RecursionError:
         raise _too_deep_error() from None
     except ValueError as exc:
@@ -279,6 +279,19 @@ def _too_deep(value: Any) -> bool:
         level = inner
         depth += 1
     return False
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, whose names must differ (I-JSON): with a name twice, Python keeps the
+    last value, where another reader (a proxy, a filter) may take the first."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise ValueError(f"the name {name!r} appears twice in one object")
+            seen.add(name)
+    return obj
 
 
 def _reject_constant(name: str) -> None:

@@ -135,3 +135,26 @@ def test_password_guessing_is_limited_per_account_across_addresses(tmp_path):
                         {"username": "bystander", "password": "another password"}).status == 200
     finally:
         node.stop()
+
+
+def test_addresses_of_one_ipv6_network_share_one_login_budget(tmp_path):
+    """Regression: the limit keyed on the whole address, and an IPv6 host is given a /64 (2^64
+    addresses to rotate through), so a client changing the last bits each time was never
+    limited. IPv6 addresses count per /64 (IPv4-mapped ones as IPv4)."""
+    node = NodeProcess({"DATABASE_URL": f"sqlite:///{tmp_path / 'v6.db'}", "PEER_URL": "",
+                        "LOGIN_RATE": "0.1", "LOGIN_BURST": "3"}, tmp_path, "v6").start()
+    try:
+        node.wait_active()
+        statuses = [_login_with_headers(node, [f"X-Forwarded-For: 2001:db8:1:2::{i:x}"])
+                    for i in range(1, 7)]
+        assert statuses[:3] == [422, 422, 422]
+        assert statuses[3:] == [429, 429, 429], statuses
+        # another /64 has a budget of its own
+        assert _login_with_headers(node, ["X-Forwarded-For: 2001:db8:1:3::1"]) == 422
+        # an IPv4-mapped address is its IPv4 address
+        mapped = [_login_with_headers(node, [f"X-Forwarded-For: {form}"])
+                  for form in ("203.0.113.77", "::ffff:203.0.113.77", "203.0.113.77",
+                               "::ffff:cb00:714d")]
+        assert mapped == [422, 422, 422, 429], mapped
+    finally:
+        node.stop()

@@ -13,6 +13,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from hachat.api.errors import forbidden, unauthorized
+from hachat.http.addresses import client_key, is_loopback
 from hachat.http.messages import Request
 from hachat.store import accounts
 
@@ -146,16 +147,18 @@ class Authenticator:
         """Who is asking, for rate limits: the socket peer's address, unless the peer is a
         proxy we trust (loopback: HAProxy on this machine). Then the LAST X-Forwarded-For
         value: the one that proxy added. Earlier values (and a header of the client's own,
-        which arrives joined before the proxy's) are whatever the client wrote."""
+        which arrives joined before the proxy's) are whatever the client wrote. IPv6
+        addresses count by their /64 (`addresses.client_key`)."""
         host = request.client_address[0] if request.client_address else "?"
         forwarded = request.headers.get("x-forwarded-for")
-        if forwarded is None or not _is_loopback(host):
-            return host
+        if forwarded is None or not is_loopback(host):
+            return client_key(host)
         last = forwarded.rsplit(",", 1)[-1].strip()
         try:
-            return str(ipaddress.ip_address(last))
+            ipaddress.ip_address(last)
         except ValueError:
-            return host  # not what a proxy writes: count it against the proxy itself
+            return client_key(host)  # not what a proxy writes: count it against the proxy
+        return client_key(last)
 
     # -- admin ----------------------------------------------------------------------
     def is_admin(self, request: Request) -> bool:
@@ -180,7 +183,7 @@ class Authenticator:
                             "this from a browser (without it only curl or scripts on this "
                             "machine may)")
         host = request.client_address[0] if request.client_address else ""
-        if not _is_loopback(host):
+        if not is_loopback(host):
             raise forbidden("set ADMIN_TOKEN to allow this from other hosts; "
                             "without it only loopback clients may")
 
@@ -196,10 +199,3 @@ def _sent_by_a_web_page(request: Request) -> bool:
     return site is not None and site.strip().lower() != "none"
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
 import signal
@@ -31,6 +30,7 @@ import threading
 import time
 from typing import Any
 
+from hachat.http.addresses import client_key, is_loopback
 from hachat.http.connection import Connection
 from hachat.http.loop import EV_READ, EventLoop
 from hachat.http.messages import Application, HTTPError
@@ -337,11 +337,13 @@ class HTTPServer:
         self._loop.modify(listener.fileno(), EV_READ)
 
     def _admit(self, conn: Connection, addr: Any, limit: int) -> bool:
-        """Count `conn` against its peer address: False (after a 503 to it) when that address
-        already holds `limit` connections. Loopback peers are not counted."""
+        """Count `conn` against its peer address (IPv6: its /64): False (after a 503 to it)
+        when that address already holds `limit` connections. Loopback peers are not
+        counted."""
         host = addr[0] if isinstance(addr, tuple) and addr else None
-        if host is None or _is_loopback(host):
+        if host is None or is_loopback(host):
             return True
+        host = client_key(host)  # an IPv6 client by its /64
         held = self._per_address.get(host, 0)
         if held >= limit:
             self._refused += 1
@@ -460,12 +462,3 @@ def install_signal_handlers(server: HTTPServer, *, grace: float | None = None,
 
     for sig in signals:
         signal.signal(sig, handle)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback

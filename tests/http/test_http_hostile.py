@@ -51,8 +51,9 @@ MALFORMED = {
     "invalid_method": (b"FOO /health HTTP/1.1\r\nHost: t\r\n\r\n", 400, "bad_request"),
     "garbage": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, "bad_request"),
     "nul_in_header": (b"GET /health HTTP/1.1\r\nHost: t\x00x\r\n\r\n", 400, "bad_request"),
-    "upgrade": (b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
-                b"Upgrade: websocket\r\n\r\n", 400, "bad_request"),
+    "upgrade_chunked": (b"POST /echo HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                        b"Upgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+                        400, "bad_request"),
     "connect": (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n",
                 400, "bad_request"),
     "asterisk_target": (b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n", 400, "bad_request"),
@@ -353,3 +354,44 @@ def test_parsed_ahead_requests_are_bounded_in_bytes_not_only_in_number(make_serv
         for c in clients:
             c.close()
     assert wait_for(lambda: server.stats()["queued_bytes"] == 0)
+
+
+UPGRADE = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAA\r\n"
+
+
+def test_an_upgrade_offer_is_ignored_and_the_request_served(server, app):
+    """Regression: a request offering a protocol upgrade was 400 "protocol upgrades are not
+    supported", so `curl --http2 http://...` (which offers h2c) failed on every request. An
+    Upgrade header is an offer a server may ignore (RFC 9110, 7.8): the request is served as
+    HTTP/1.1, with its body, and the connection goes on in HTTP/1.1."""
+    with Client(server.address) as c:
+        c.send(f"GET /echo?one HTTP/1.1\r\nHost: t\r\n{UPGRADE}\r\n".encode()
+               + b"GET /echo?two HTTP/1.1\r\nHost: t\r\n\r\n")
+        first = c.read_response()
+        assert first.status == 200 and first.json["query"] == "one", first.body
+        assert c.read_response().json["query"] == "two"
+        body = b'{"hello": "world"}'
+        head = (f"POST /echo?three HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n"
+                f"{UPGRADE}\r\n").encode()
+        c.send(head + body[:5])  # the body comes in pieces, and a request after it
+        time.sleep(0.05)
+        c.send(body[5:] + b"GET /echo?four HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                          b"Upgrade: websocket\r\n\r\n")
+        third = c.read_response()
+        assert third.status == 200 and third.json["query"] == "three", third.body
+        assert third.json["method"] == "POST" and third.json["body"] == body.decode()
+        assert third.json["headers"]["upgrade"] == "h2c"
+        assert c.read_response().json["query"] == "four"
+        assert c.request("/health").status == 200
+    assert app.hits["/echo"] == 4
+
+
+def test_an_upgrade_offer_with_expect_continue_gets_its_100(server):
+    with Client(server.address) as c:
+        c.send(f"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n"
+               f"Expect: 100-continue\r\n{UPGRADE}\r\n".encode())
+        interim = c.read_response()
+        assert interim.status == 100
+        c.send(b"{}")
+        final = c.read_response()
+        assert final.status == 200 and final.json["body"] == "{}"

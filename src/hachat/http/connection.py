@@ -126,6 +126,7 @@ class Connection:
         "_url", "_headers", "_not_utf8", "_hbytes", "_mraw", "_body", "_blen", "_chunked", "_ndone",
         "_chunk_open", "_chunk_new", "_chunk_got", "_ctail", "_ctail_len",
         "_in_headers", "_msg_active", "_want_continue", "_reject", "_method", "_version",
+        "_held",
         "_keep_alive", "_target", "_path", "_query",
         # requests and responses
         "_pending", "_sizes", "_queued", "_error", "_paused", "_current", "_parked",
@@ -163,6 +164,8 @@ class Connection:
         self._body: list[bytes] | None = None
         self._in_headers = self._msg_active = self._want_continue = False
         self._reject: HTTPError | None = None
+        # a request that offered an Upgrade, whose body is still to come (see `_parse`)
+        self._held: Request | None = None
         self._method = self._version = self._target = self._path = self._query = ""
         self._keep_alive = True
         self._pending: deque[Request] = deque()
@@ -258,6 +261,10 @@ class Connection:
             if te.lower() != "chunked":
                 self._fail_parse(501, "unsupported_transfer_coding",
                                  "only Transfer-Encoding: chunked is supported")
+            if parser.should_upgrade():  # see `_parse`: only a Content-Length body is read
+                self._fail_parse(400, "bad_request",
+                                 "a chunked body with an Upgrade offer is not supported; send "
+                                 "it without the Upgrade header")
             has_body = True
             self._chunked = True
         elif cl is not None:
@@ -270,8 +277,6 @@ class Connection:
             has_body = length > 0
         else:
             has_body = False
-        if parser.should_upgrade():
-            self._fail_parse(400, "bad_request", "protocol upgrades are not supported")
         raw_method = parser.get_method()
         method = _METHODS.get(raw_method)
         if method is None:
@@ -327,12 +332,18 @@ class Connection:
         self._body = None
         self._msg_active = self._want_continue = False
         self._ndone += 1
-        headers = self._headers
-        if self._not_utf8:
-            headers = Headers(headers)
-        self._pending.append(Request(
-            self._method, self._target, self._path, self._query, headers, body,
-            self._version, self._addr, self._keep_alive))
+        held = self._held
+        if held is not None:  # the body of a request that offered an Upgrade (`_parse`)
+            self._held = None
+            held.body = body
+            request = held
+        else:
+            headers = self._headers
+            if self._not_utf8:
+                headers = Headers(headers)
+            request = Request(self._method, self._target, self._path, self._query, headers,
+                              body, self._version, self._addr, self._keep_alive)
+        self._pending.append(request)
         size = len(body) + self._hbytes
         self._sizes.append(size)
         self._queued += size
@@ -384,8 +395,8 @@ class Connection:
         done_before = self._ndone
         self._chunk_new = False
         try:
-            self._parser.feed_data(data)
-        except HttpParserError as exc:  # includes HttpParserUpgrade and callback errors
+            self._parse(data)
+        except HttpParserError as exc:  # includes callback errors
             err = self._reject or _parser_error(exc)
             self._reject = None
             self._fail(err)
@@ -416,6 +427,38 @@ class Connection:
         st = self.state
         if st is IDLE or st is READING:
             self._pump()
+
+    def _parse(self, data: memoryview) -> None:
+        """Feed the parser. A request offering a protocol upgrade (`Upgrade: h2c`, from
+        `curl --http2`, or `websocket`) is served as HTTP/1.1, as a server may (RFC 9110, 7.8),
+        and the connection goes on in HTTP/1.1. llhttp ends such a request at its header block
+        and stops (HttpParserUpgrade): a fresh parser takes the rest, and a Content-Length
+        body is read by it as the body of a stand-in head (`on_message_complete` gives it
+        to the held request). A chunked body with an Upgrade offer was refused earlier."""
+        while True:
+            try:
+                self._parser.feed_data(data)
+                return
+            except HttpParserUpgrade as exc:
+                offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+                if not self._pending:
+                    raise
+                self._parser = HttpRequestParser(self)
+                request = self._pending[-1]
+                # plain dict reads: these two are ASCII if they are anything we act on
+                length = int(dict.get(request.headers, "content-length") or 0)
+                if length:
+                    self._pending.pop()
+                    size = self._sizes.pop()
+                    self._queued -= size
+                    self._server._queued_bytes -= size
+                    self._held = request
+                    expect = dict.get(request.headers, "expect")
+                    self._parser.feed_data(
+                        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n%s\r\n"
+                        % (length, b"Expect: 100-continue\r\n" if expect is not None
+                           and expect.lower() == "100-continue" else b""))
+                data = data[offset:]
 
     def _check_chunk_size(self, buf: bytearray, n: int) -> None:
         """Refuse a chunked body as soon as its declared sizes pass the limit (413), not once

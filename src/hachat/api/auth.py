@@ -197,5 +197,3 @@ def _sent_by_a_web_page(request: Request) -> bool:
         return True
     site = dict.get(headers, "sec-fetch-site")  # any bytes: only its presence and ASCII matter
     return site is not None and site.strip().lower() != "none"
-
-

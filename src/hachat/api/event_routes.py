@@ -116,6 +116,3 @@ def notify(ctx: ApiContext, request: Request) -> Response:
         event = w.emit("group.notify", group_id, None, {"message": message, "from": sender})
     return Response(200, dumps({"status": "notified", "groupId": group_id,
                                 "eventId": event.position}))
-
-
-

@@ -4,8 +4,9 @@ Everything here runs on the loop thread, except `_run_blocking` (a worker thread
 calls the handler and hands the result back with `call_soon_threadsafe`.
 
 Requests are parsed ahead (pipelining) into `_pending`, but handled one at a time and answered
-strictly in order; reading pauses while 32 of them, or 64 KiB of them, wait. After a request that breaks the rules nothing more is parsed: the requests
-before it are answered, then the error (with `Connection: close`), then the connection closes.
+strictly in order; reading pauses while 32 of them, or 64 KiB of them, wait. After a request
+that breaks the rules nothing more is parsed: the requests before it are answered, then the
+error (with `Connection: close`), then the connection closes.
 
 End of input (the client's FIN) means the client will send nothing more, not that it stopped
 reading: a client may half-close (`shutdown(SHUT_WR)`) once its request is out, and curl,

@@ -13,9 +13,10 @@ Each connection is a file descriptor. `bind` fits the connection limit to the pr
 open-file limit (`fit_open_files`); past the limit, new connections wait in the kernel's
 backlog until one closes. One address may hold at most `max_connections_per_address` of them
 (loopback, a proxy on this machine, is not counted): past it a new connection gets a 503 and is
-closed, so one client cannot take every slot. Should accept() still run out of descriptors (EMFILE: the database or
-anything else took more than the reserve), accepting pauses with a growing back-off and
-resumes as soon as a connection closes; the connections already open are served meanwhile.
+closed, so one client cannot take every slot. Should accept() still run out of descriptors
+(EMFILE: the database or anything else took more than the reserve), accepting pauses with a
+growing back-off and resumes as soon as a connection closes; the connections already open are
+served meanwhile.
 """
 
 from __future__ import annotations

@@ -26,12 +26,17 @@ class HTTPSettings:
     port: int = 8080
     workers: int = 16
     max_header_bytes: int = 16 * 1024
-    max_body_bytes: int = 1024 * 1024
+    # The biggest body the API needs is ~50 KB (a 4,000-character message, every character
+    # escaped); parsing a bigger one holds the GIL long enough to stall every connection.
+    max_body_bytes: int = 128 * 1024
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
     shutdown_grace: float = 10.0
     backlog: int = 1024
     max_connections: int = 20_000  # fewer if the open-file limit allows fewer (server.py)
+    # From one address at most (0: no limit); loopback (a proxy on this machine) is not held
+    # to it, so that one client cannot take every connection.
+    max_connections_per_address: int = 512
     # file descriptors kept for everything but connections (see `server.fit_open_files`)
     fd_reserve: int = 64
 
@@ -179,12 +184,13 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv: bool = True,
         port=port,
         workers=_number(env, "WORKERS", 16, int, 1),
         max_header_bytes=_number(env, "MAX_HEADER_BYTES", 16 * 1024, int, 1024),
-        max_body_bytes=_number(env, "MAX_BODY_BYTES", 1024 * 1024, int, 1),
+        max_body_bytes=_number(env, "MAX_BODY_BYTES", 128 * 1024, int, 1),
         header_timeout=_number(env, "HEADER_TIMEOUT", 10.0, float, 0.1),
         keepalive_timeout=_number(env, "KEEPALIVE_TIMEOUT", 75.0, float, 0.1),
         shutdown_grace=_number(env, "SHUTDOWN_GRACE", 10.0, float, 0.0),
         backlog=_number(env, "BACKLOG", 1024, int, 1),
         max_connections=_number(env, "MAX_CONNECTIONS", 20_000, int, 1),
+        max_connections_per_address=_number(env, "MAX_CONNECTIONS_PER_ADDRESS", 512, int, 0),
         # Besides connections the process holds the database pools' connections (up to
         # 2 x DB_POOL_SIZE, plus a few; on SQLite each is up to three files), logs, the
         # listener, the poller.

@@ -312,3 +312,123 @@ def test_json_numbers_beyond_a_double_are_refused_not_stored_as_infinity(api_nod
     assert ana("GET", "/events", b'{"since": 0, "timeout": %s}' % number).status == 400
     later = ana("GET", f"/events?since={cursor}&timeout=0")
     assert later.status == 200 and later.json["events"] == [], later.raw
+
+
+@pytest.mark.parametrize("depth", [150, 900, 984, 987, 5000])
+def test_json_nested_too_deep_is_refused_not_stored_to_break_the_stream(api_node, pair, depth):
+    """Regression: a /notify message nested ~985 levels deep was parsed and stored (200), but
+    every later GET /events over its position failed with 500 (RecursionError while encoding
+    the answer), so one member cut the whole group off its stream for the retention window.
+    Bodies nested deeper than the documented limit are 400 invalid_json; nothing is stored."""
+    ana, bea, gid = pair
+    cursor = bea("GET", "/events").json["cursor"]
+    body = b'{"message": ' + b"[" * depth + b"]" * depth + b"}"
+    reply = ana("POST", f"/notify/{gid}", body)
+    assert reply.status == 400 and reply.json["error"] == "invalid_json", reply.raw
+    assert "nested" in reply.json["message"] and "recursion" not in reply.json["message"]
+    assert ana("POST", "/messages", b'{"groupId": %d, "content": "x", "extra": %s}'
+               % (gid, b"[" * depth + b"]" * depth)).status == 400
+    later = bea("GET", f"/events?since={cursor}&timeout=0")
+    assert later.status == 200 and later.json["events"] == [], later.raw
+
+
+def test_json_nested_within_the_limit_is_delivered(api_node, pair):
+    ana, bea, gid = pair
+    cursor = bea("GET", "/events").json["cursor"]
+    message = {"a": [[[{"b": [1]}]]]}
+    for _ in range(90):
+        message = [message]
+    reply = ana("POST", f"/notify/{gid}", {"message": message})
+    assert reply.status == 200, reply.raw
+    later = bea("GET", f"/events?since={cursor}&timeout=0")
+    assert later.status == 200 and later.json["events"][0]["data"]["message"] == message
+
+
+def test_an_event_stored_too_deep_to_encode_does_not_break_the_stream(api_node, pair,
+                                                                       backend_url):
+    """Events written before the nesting limit (or by any future way around it) must not cut
+    members off their stream: one that cannot be read or encoded is served with
+    `"data": null, "unreadable": true`, and the events around it as usual."""
+    from sqlalchemy import create_engine, make_url, text
+
+    url = make_url(backend_url)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    ana, bea, gid = pair
+    cursor = bea("GET", "/events").json["cursor"]
+    first = ana("POST", f"/notify/{gid}", {"message": "before"}).json["eventId"]
+    poisoned = ana("POST", f"/notify/{gid}", {"message": "poisoned"}).json["eventId"]
+    last = ana("POST", f"/notify/{gid}", {"message": "after"}).json["eventId"]
+    for depth in (984, 995):  # encodes no more / parses no more
+        deep = '{"message":' + "[" * depth + "]" * depth + f',"from":{ana.id}}}'
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("UPDATE events SET payload = :p WHERE position = :pos"),
+                             {"p": deep, "pos": poisoned})
+        finally:
+            engine.dispose()
+        reply = bea("GET", f"/events?since={cursor}&timeout=0")
+        assert reply.status == 200, reply.raw[:300]
+        events = {e["id"]: e for e in reply.json["events"]}
+        assert events[first]["data"]["message"] == "before"
+        assert events[poisoned]["data"] is None and events[poisoned]["unreadable"] is True
+        assert events[poisoned]["type"] == "group.notify"
+        assert events[last]["data"]["message"] == "after"
+
+
+def test_a_query_field_given_twice_is_422_not_silently_the_last(api_node, pair, unique):
+    """Regression: `?memberIds=1&memberIds=2` (how many clients write a list) created the
+    group with member 2 only, and `?groupId=1&groupId=2` read group 2: the last value won
+    without a word. A field named twice in the query string is 422 naming it; nothing is
+    done. (A list goes in one field, comma-separated, or in the JSON body.)"""
+    ana, bea, gid = pair
+    third = ChatUser(api_node.url, unique("third"))
+    before = len(ana("GET", "/chats").json["chats"])
+    reply = ana("POST", f"/groups?name=twice&memberIds={bea.id}&memberIds={third.id}")
+    assert reply.status == 422 and reply.json["field"] == "memberIds", reply.raw
+    assert "more than once" in reply.json["message"]
+    assert len(ana("GET", "/chats").json["chats"]) == before
+    reply = ana("GET", f"/messages?groupId={gid}&groupId=9000000")
+    assert reply.status == 422 and reply.json["field"] == "groupId", reply.raw
+    reply = call(api_node.url, "GET", "/subscribe/status?timeout=0&timeout=1")
+    assert reply.status == 422 and reply.json["field"] == "timeout", reply.raw
+    # one field, comma-separated, is the list form
+    reply = ana("POST", f"/groups?name=once&memberIds={bea.id},{third.id}")
+    assert reply.status == 201 and set(reply.json["memberIds"]) == {ana.id, bea.id, third.id}
+
+
+def test_query_text_that_is_not_utf8_is_422_not_stored_as_replacement_characters(api_node, pair):
+    """Regression: a body that is not UTF-8 is refused, but percent-encoded bytes in the query
+    string were decoded with replacement: `content=caf%E9` (Latin-1 é) was stored as "caf\ufffd"
+    and `name=%FF` made a group named "\ufffd". Such a field is 422 naming it; nothing is
+    stored."""
+    ana, _, gid = pair
+    before = _count(ana, gid)
+    chats = len(ana("GET", "/chats").json["chats"])
+    reply = ana("POST", f"/messages?groupId={gid}&content=caf%E9")
+    assert reply.status == 422 and reply.json["field"] == "content", reply.raw
+    assert "UTF-8" in reply.json["message"]
+    reply = ana("POST", "/groups?name=%FF%FE")
+    assert reply.status == 422 and reply.json["field"] == "name", reply.raw
+    assert _count(ana, gid) == before
+    assert len(ana("GET", "/chats").json["chats"]) == chats
+    reply = ana("GET", f"/messages?groupId={gid}&%FF=1")
+    assert reply.status == 422 and reply.json["error"] == "invalid_field", reply.raw
+    posted = ana("POST", f"/messages?groupId={gid}&content=caf%C3%A9")
+    assert posted.status == 201 and posted.json["content"] == "caf\u00e9", posted.raw
+
+
+def test_a_json_key_given_twice_is_400_not_silently_the_last(api_node, pair):
+    """As for the query string: `{"groupId": 1, "groupId": 2}` acted on group 2, though a
+    proxy or filter reading the first value would have seen group 1. A name twice in one
+    JSON object (I-JSON, RFC 7493) is 400 invalid_json naming it; nothing is stored."""
+    ana, _, gid = pair
+    before = _count(ana, gid)
+    body = b'{"groupId": %d, "content": "one", "content": "two"}' % gid
+    reply = ana("POST", "/messages", body)
+    assert reply.status == 400 and reply.json["error"] == "invalid_json", reply.raw
+    assert "content" in reply.json["message"] and "twice" in reply.json["message"]
+    reply = ana("POST", f"/notify/{gid}", b'{"message": {"a": 1, "a": 2}}')
+    assert reply.status == 400 and reply.json["error"] == "invalid_json", reply.raw
+    assert _count(ana, gid) == before

@@ -79,3 +79,34 @@ def test_fall_through_a_proxy_needs_the_admin_token(tmp_path):
     sentence = haproxy_part[haproxy_part.index("`POST /fall`"):]
     sentence = sentence[:sentence.index("\n\n")] if "\n\n" in sentence else sentence
     assert "ADMIN_TOKEN" in sentence and "403" in sentence, sentence
+
+
+def test_admin_routes_refuse_requests_a_web_page_made(tmp_path):
+    """Regression: without ADMIN_TOKEN any loopback client may /fall, and that includes a
+    browser on the node's machine running some web page's script: a cross-site POST (a form,
+    or fetch in no-cors mode) reached /fall with the peer address 127.0.0.1 and took the node
+    down; DNS rebinding did the same same-origin, and could read /stats. A browser marks what
+    a page sends with `Origin` (every POST) and `Sec-Fetch-Site`: such requests are refused.
+    Only the top-level navigation a person types (`Sec-Fetch-Site: none`) still passes."""
+    node = NodeProcess({"DATABASE_URL": f"sqlite:///{tmp_path / 'csrf.db'}", "PEER_URL": "",
+                        "ADMIN_TOKEN": ""}, tmp_path, name="no-token-csrf")
+    node.start()
+    try:
+        node.wait_active()
+        page_made = [{"Origin": "https://evil.example", "Content-Type": "text/plain"},
+                     {"Origin": "null"},
+                     {"Origin": node.url, "Sec-Fetch-Site": "same-origin"},
+                     {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},
+                     {"Sec-Fetch-Site": "same-site"}]
+        for headers in page_made:
+            for method, path in (("POST", "/fall"), ("POST", "/revive"), ("GET", "/stats")):
+                reply = call(node.url, method, path, headers=headers)
+                assert reply.status == 403, (path, headers, reply.raw)
+                assert reply.json["error"] == "forbidden" and "ADMIN_TOKEN" in reply.json["message"]
+        assert call(node.url, "GET", "/health").json["active"] is True
+        typed = call(node.url, "GET", "/stats", headers={"Sec-Fetch-Site": "none"})
+        assert typed.status == 200, typed.raw
+        assert call(node.url, "POST", "/fall").status == 200  # curl, a script: direct loopback
+        assert call(node.url, "POST", "/revive").status == 200
+    finally:
+        node.stop()

@@ -25,3 +25,52 @@ def test_connections_beyond_the_cap_wait_in_the_backlog(make_server):
     assert wait_for(lambda: server.stats()["connections"] == 3)
     for c in held[1:] + [extra]:
         c.close()
+
+
+def _outward_address() -> str | None:
+    """This machine's address on its outward interface, if it has one (no packet is sent)."""
+    import ipaddress
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))
+            address = probe.getsockname()[0]
+    except OSError:
+        return None
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+def test_one_address_cannot_take_every_connection(make_server):
+    """Regression: any client could hold every one of MAX_CONNECTIONS (an unauthenticated
+    `GET /subscribe/status` holds one for 60 s) and the server served nobody else until they
+    closed. Past MAX_CONNECTIONS_PER_ADDRESS from one address, a new connection gets 503
+    too_many_connections and is closed; other addresses, and loopback (a proxy on this
+    machine), are not held to it."""
+    import pytest
+
+    address = _outward_address()
+    if address is None:
+        pytest.skip("no address but loopback to connect from")
+    server = make_server(host="0.0.0.0", max_connections=50, max_connections_per_address=4)
+    port = server.address[1]
+    held = [Client((address, port)) for _ in range(4)]
+    for c in held:
+        assert c.request().status == 200
+    extra = Client((address, port))
+    refused = extra.read_response()
+    assert refused.status == 503 and refused.json["error"] == "too_many_connections"
+    assert refused.headers.get("connection") == "close" and "retry-after" in refused.headers
+    assert extra.wait_closed()
+    # loopback is not counted: a local proxy carries every client's connections
+    local = [Client(("127.0.0.1", port)) for _ in range(8)]
+    for c in local:
+        assert c.request().status == 200
+    # a slot freed is a slot again
+    held[0].close()
+    assert wait_for(lambda: server.stats()["connections"] == 3 + 8)
+    again = Client((address, port))
+    assert again.request().status == 200
+    for c in held[1:] + local + [again, extra]:
+        c.close()
+    assert wait_for(lambda: server.stats()["connections"] == 0)

@@ -4,6 +4,7 @@ and the server still serving a fresh connection. Plus limits and timeouts."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -50,8 +51,9 @@ MALFORMED = {
     "invalid_method": (b"FOO /health HTTP/1.1\r\nHost: t\r\n\r\n", 400, "bad_request"),
     "garbage": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, "bad_request"),
     "nul_in_header": (b"GET /health HTTP/1.1\r\nHost: t\x00x\r\n\r\n", 400, "bad_request"),
-    "upgrade": (b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
-                b"Upgrade: websocket\r\n\r\n", 400, "bad_request"),
+    "upgrade_chunked": (b"POST /echo HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                        b"Upgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+                        400, "bad_request"),
     "connect": (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n",
                 400, "bad_request"),
     "asterisk_target": (b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n", 400, "bad_request"),
@@ -301,3 +303,95 @@ def test_endless_trailer_is_bounded(make_server, app):
             c.send(b"t" * 1024)
         assert_error_then_closed(c, 413, "body_too_large")
     assert app.hits["/echo"] == 0
+
+
+def _send_for(sock, data: bytes, seconds: float) -> int:
+    """Send what the server takes within `seconds` (without blocking): the bytes sent."""
+    sock.setblocking(False)
+    sent, deadline = 0, time.monotonic() + seconds
+    while sent < len(data) and time.monotonic() < deadline:
+        try:
+            sent += sock.send(data[sent:sent + 65536])
+        except BlockingIOError:
+            time.sleep(0.005)
+    sock.setblocking(True)
+    return sent
+
+
+def test_parsed_ahead_requests_are_bounded_in_bytes_not_only_in_number(make_server, app):
+    """Regression: behind a request in progress (a long-poll), the server parsed ahead up to
+    32 pipelined requests whatever their size: 32 x MAX_BODY_BYTES held per connection
+    (4 MiB at the default 128 KiB, 32 MiB at the old 1 MiB), so a few hundred unauthenticated
+    connections took gigabytes. Reading now pauses once the queued requests hold 64 KiB."""
+    server = make_server(app, max_body_bytes=128 * 1024)
+    body = b"x" * (100 * 1024)
+    post = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    data = b"GET /park?30 HTTP/1.1\r\nHost: t\r\n\r\n" + post * 40
+    clients = [Client(server.address) for _ in range(3)]
+    senders = []
+    try:
+        sent = [_send_for(c.sock, data, 1.0) for c in clients]
+        assert wait_for(lambda: server.stats()["parked"] == 3)
+        time.sleep(0.3)
+        held = server.stats()["queued_bytes"]
+        # per connection: the 64 KiB budget, plus what one read and the request being read
+        # add before reading pauses (one body at most)
+        assert held <= 3 * (64 * 1024 + 64 * 1024 + len(post)), held
+        # the queue still drains in order once the long-polls are answered
+        for deferred in app.parked:
+            deferred.resolve(app.routes["/health"].fn(None))
+        for c, n in zip(clients, sent, strict=True):
+            c.sock.settimeout(10)
+            senders.append(threading.Thread(target=c.sock.sendall, args=(data[n:],)))
+            senders[-1].start()
+        for c in clients:
+            assert c.read_response().status == 200
+            for _ in range(40):
+                assert c.read_response().status == 200
+    finally:
+        for thread in senders:
+            thread.join(10)
+        for c in clients:
+            c.close()
+    assert wait_for(lambda: server.stats()["queued_bytes"] == 0)
+
+
+UPGRADE = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAA\r\n"
+
+
+def test_an_upgrade_offer_is_ignored_and_the_request_served(server, app):
+    """Regression: a request offering a protocol upgrade was 400 "protocol upgrades are not
+    supported", so `curl --http2 http://...` (which offers h2c) failed on every request. An
+    Upgrade header is an offer a server may ignore (RFC 9110, 7.8): the request is served as
+    HTTP/1.1, with its body, and the connection goes on in HTTP/1.1."""
+    with Client(server.address) as c:
+        c.send(f"GET /echo?one HTTP/1.1\r\nHost: t\r\n{UPGRADE}\r\n".encode()
+               + b"GET /echo?two HTTP/1.1\r\nHost: t\r\n\r\n")
+        first = c.read_response()
+        assert first.status == 200 and first.json["query"] == "one", first.body
+        assert c.read_response().json["query"] == "two"
+        body = b'{"hello": "world"}'
+        head = (f"POST /echo?three HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n"
+                f"{UPGRADE}\r\n").encode()
+        c.send(head + body[:5])  # the body comes in pieces, and a request after it
+        time.sleep(0.05)
+        c.send(body[5:] + b"GET /echo?four HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                          b"Upgrade: websocket\r\n\r\n")
+        third = c.read_response()
+        assert third.status == 200 and third.json["query"] == "three", third.body
+        assert third.json["method"] == "POST" and third.json["body"] == body.decode()
+        assert third.json["headers"]["upgrade"] == "h2c"
+        assert c.read_response().json["query"] == "four"
+        assert c.request("/health").status == 200
+    assert app.hits["/echo"] == 4
+
+
+def test_an_upgrade_offer_with_expect_continue_gets_its_100(server):
+    with Client(server.address) as c:
+        c.send(f"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n"
+               f"Expect: 100-continue\r\n{UPGRADE}\r\n".encode())
+        interim = c.read_response()
+        assert interim.status == 100
+        c.send(b"{}")
+        final = c.read_response()
+        assert final.status == 200 and final.json["body"] == "{}"

@@ -10,6 +10,8 @@ from hachat.api.writes import fenced_write, reading, require_active
 from hachat.http.messages import Deferred, HTTPError, Request, Response, json_response
 from hachat.store import StoreUnavailable, UsernameTaken, accounts
 
+_GUESSES = "failed logins for this username"
+
 
 def _credentials(request: Request) -> tuple[str, str]:
     params = Params.of(request)
@@ -24,6 +26,7 @@ def login(ctx: ApiContext, request: Request) -> Deferred:
     """On the loop thread: cheap checks, then the password work on the login lane."""
     ctx.login_limiter.check(ctx.auth.client_key(request))
     username, password = _credentials(request)
+    ctx.failed_logins.require(accounts.username_key(username), _GUESSES)
     require_active(ctx)
     return ctx.login_lane.submit(lambda: _login(ctx, username, password))
 
@@ -42,7 +45,10 @@ def _log_in_or_create(ctx: ApiContext, username: str, password: str) -> Response
             existing = (user.id, user.username, user.password_hash) if user else None
         if existing is not None:
             user_id, stored_name, password_hash = existing
+            key = accounts.username_key(stored_name)
+            ctx.failed_logins.require(key, _GUESSES)  # again: logins queued on the lane together
             if not ctx.auth.verify_password(password_hash, password):
+                ctx.failed_logins.spend(key)
                 raise HTTPError(401, "invalid_credentials",
                                 "wrong password for this username (or the name is taken)")
             with fenced_write(ctx) as w:

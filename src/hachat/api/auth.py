@@ -13,6 +13,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from hachat.api.errors import forbidden, unauthorized
+from hachat.http.addresses import client_key, is_loopback
 from hachat.http.messages import Request
 from hachat.store import accounts
 
@@ -146,16 +147,18 @@ class Authenticator:
         """Who is asking, for rate limits: the socket peer's address, unless the peer is a
         proxy we trust (loopback: HAProxy on this machine). Then the LAST X-Forwarded-For
         value: the one that proxy added. Earlier values (and a header of the client's own,
-        which arrives joined before the proxy's) are whatever the client wrote."""
+        which arrives joined before the proxy's) are whatever the client wrote. IPv6
+        addresses count by their /64 (`addresses.client_key`)."""
         host = request.client_address[0] if request.client_address else "?"
         forwarded = request.headers.get("x-forwarded-for")
-        if forwarded is None or not _is_loopback(host):
-            return host
+        if forwarded is None or not is_loopback(host):
+            return client_key(host)
         last = forwarded.rsplit(",", 1)[-1].strip()
         try:
-            return str(ipaddress.ip_address(last))
+            ipaddress.ip_address(last)
         except ValueError:
-            return host  # not what a proxy writes: count it against the proxy itself
+            return client_key(host)  # not what a proxy writes: count it against the proxy
+        return client_key(last)
 
     # -- admin ----------------------------------------------------------------------
     def is_admin(self, request: Request) -> bool:
@@ -173,16 +176,24 @@ class Authenticator:
             # Came through a proxy on this machine: the real client is elsewhere.
             raise forbidden("set ADMIN_TOKEN to allow this through a proxy; "
                             "without it only direct loopback clients may")
+        if _sent_by_a_web_page(request):
+            # A browser on this machine running some site's script (cross-site, or same-origin
+            # after DNS rebinding): loopback by address, but not the operator.
+            raise forbidden("a request a web page made is refused; set ADMIN_TOKEN to allow "
+                            "this from a browser (without it only curl or scripts on this "
+                            "machine may)")
         host = request.client_address[0] if request.client_address else ""
-        if not _is_loopback(host):
+        if not is_loopback(host):
             raise forbidden("set ADMIN_TOKEN to allow this from other hosts; "
                             "without it only loopback clients may")
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
+def _sent_by_a_web_page(request: Request) -> bool:
+    """Whether a browser sent this for a page's script or form: browsers add `Origin` to
+    every request but GET and HEAD, and `Sec-Fetch-Site` to every request, "none" only for
+    what a person typed or bookmarked. Neither is in a request curl or a script makes."""
+    headers = request.headers
+    if "origin" in headers:
+        return True
+    site = dict.get(headers, "sec-fetch-site")  # any bytes: only its presence and ASCII matter
+    return site is not None and site.strip().lower() != "none"

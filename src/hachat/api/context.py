@@ -31,6 +31,10 @@ class ApiContext:
     static_files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     server_stats: Callable[[], dict] = dict
     login_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(20.0, 40))
+    # Wrong passwords per username, from any address: 10, then one every 6 s (password guessing
+    # from many addresses). Only failures spend; while none is left, every login of that name
+    # waits (a right password too: otherwise the answer would still tell a guess right).
+    failed_logins: RateLimiter = field(default_factory=lambda: RateLimiter(1 / 6, 10))
     # Password hashing runs here, never on the server's worker pool (see throttle.SideLane).
     login_lane: SideLane = field(default_factory=lambda: SideLane(2, 64, name="login"))
     # Writes chat messages in batches (group commit); set by the composition root.

@@ -18,15 +18,38 @@ PAGE = 500
 NOTIFY_MAX_BYTES = 16 * 1024
 
 
+# What an event whose stored data cannot be read or encoded carries instead (one written
+# before a limit on bodies existed): the stream goes on around it.
+_UNREADABLE = (RecursionError, ValueError)
+
+
 def render_events(events: list[Event], cursor: int) -> Response:
     """Shared by every waiter, so the hub can render one body for many."""
-    return Response(200, dumps({"events": [e.to_json_obj() for e in events], "cursor": cursor}))
+    try:
+        return Response(200, dumps({"events": [e.to_json_obj() for e in events],
+                                    "cursor": cursor}))
+    except _UNREADABLE:
+        return Response(200, dumps({"events": [_encodable(e) for e in events],
+                                    "cursor": cursor}))
+
+
+def _encodable(event: Event) -> dict:
+    obj = event.to_json_obj()
+    try:
+        dumps(obj)
+    except _UNREADABLE:
+        obj.update(data=None, unreadable=True)
+    return obj
 
 
 def _row_to_event(row) -> Event:
     from hachat.api.views import iso
 
-    return Event(row.position, row.kind, row.group_id, row.target_user_id, row.payload_dict(),
+    try:
+        payload = row.payload_dict()
+    except _UNREADABLE:
+        payload = None  # served as `"data": null, "unreadable": true`
+    return Event(row.position, row.kind, row.group_id, row.target_user_id, payload,
                  iso(row.created_at))
 
 
@@ -97,6 +120,3 @@ def notify(ctx: ApiContext, request: Request) -> Response:
         event = w.emit("group.notify", group_id, None, {"message": message, "from": sender})
     return Response(200, dumps({"status": "notified", "groupId": group_id,
                                 "eventId": event.position}))
-
-
-

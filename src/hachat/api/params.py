@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from hachat.api.errors import invalid_field, invalid_json, secret_in_query
-from hachat.http.messages import Request
+from hachat.http.messages import HTTPError, Request
 
 INT64_MAX = 2**63 - 1
 _MISSING = object()
@@ -27,6 +27,11 @@ _DECIMAL_TEXT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]
 _UNSIGNED_DECIMAL_TEXT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
 _TEXT_MAX = 40  # a longer number is no timeout anyone means
 _INT_DIGITS_MAX = 4000  # below Python's own limit on reading integers (4,300 digits)
+# Arrays and objects nested deeper than this are refused. A body is echoed back later (a
+# /notify message in every member's /events answers, wrapped in a few more levels): without
+# a bound, a value Python could just parse (~990 levels) would be stored and then fail to
+# encode on every read of the stream.
+JSON_DEPTH_MAX = 100
 
 
 # Names that carry a secret. They are refused in any query string (a URL is written to proxy
@@ -57,6 +62,26 @@ def reject_secrets_in_query(query_string: str) -> None:
                      "nothing was done")
 
 
+def parse_query(query_string: str) -> dict[str, str]:
+    """The query string's fields. One named twice is 422: taking the last (or the first)
+    would quietly drop what the client meant, e.g. `memberIds=1&memberIds=2` (a list is
+    one field, comma-separated)."""
+    fields: dict[str, str] = {}
+    # Percent-encoded bytes must be UTF-8, as bodies must: never replaced with U+FFFD.
+    for key, value in parse_qsl(query_string, keep_blank_values=True, errors="surrogateescape"):
+        if not _is_unicode(key):
+            raise invalid_field(key.encode("utf-8", "replace").decode(),
+                                "a field name in the query string is not UTF-8 text")
+        if not _is_unicode(value):
+            raise invalid_field(key, f"'{key}' in the query string is not UTF-8 text "
+                                     "(percent-encode its UTF-8 bytes)")
+        if key in fields:
+            raise invalid_field(key, f"'{key}' is given more than once in the query string; "
+                                     "give it once (a list of ids: comma-separated)")
+        fields[key] = value
+    return fields
+
+
 class Params:
     """Fields of one request: the JSON body's (when it has one) over the query string's."""
 
@@ -68,8 +93,7 @@ class Params:
 
     @classmethod
     def of(cls, request: Request) -> Params:
-        query = dict(parse_qsl(request.query_string, keep_blank_values=True)) \
-            if request.query_string else {}
+        query = parse_query(request.query_string) if request.query_string else {}
         return cls(parse_json_object(request.body), query)
 
     def raw(self, name: str) -> tuple[Any, bool]:
@@ -193,6 +217,17 @@ class Params:
         return value
 
 
+def _is_unicode(text: str) -> bool:
+    """Whether `text` holds no lone surrogate (an undecodable byte, or a JSON `\\ud800`)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _require_unicode(name: str, value: str) -> None:
     """JSON's `\\ud800` escapes decode to lone surrogates: valid JSON, but no text that UTF-8
     (the database, a password hash) can hold."""
@@ -212,12 +247,51 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise invalid_json("the body is not valid UTF-8") from None
     try:
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
-                           parse_int=_bounded_int)
-    except (ValueError, RecursionError) as exc:
+                           parse_int=_bounded_int, object_pairs_hook=_unique_names)
+    except RecursionError:
+        raise _too_deep_error() from None
+    except ValueError as exc:
         raise invalid_json(f"the body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise invalid_json("the body must be a JSON object")
+    if body.count(b"[") + body.count(b"{") > JSON_DEPTH_MAX and _too_deep(value):
+        raise _too_deep_error()
     return value
+
+
+def _too_deep_error() -> HTTPError:
+    return invalid_json(f"the body's arrays and objects are nested more than {JSON_DEPTH_MAX} "
+                        "levels deep")
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether arrays and objects nest more than JSON_DEPTH_MAX levels: one level at a time,
+    without recursion (json.loads builds only dicts and lists as containers)."""
+    level = [value]
+    depth = 1
+    while level:
+        if depth > JSON_DEPTH_MAX:
+            return True
+        inner: list[Any] = []
+        for item in level:
+            inner += [child for child in (item.values() if item.__class__ is dict else item)
+                      if child.__class__ is dict or child.__class__ is list]
+        level = inner
+        depth += 1
+    return False
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, whose names must differ (I-JSON): with a name twice, Python keeps the
+    last value, where another reader (a proxy, a filter) may take the first."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise ValueError(f"the name {name!r} appears twice in one object")
+            seen.add(name)
+    return obj
 
 
 def _reject_constant(name: str) -> None:

@@ -24,18 +24,41 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, updated)
         self._lock = threading.Lock()
 
-    def check(self, key: str) -> None:
-        """Take one token for `key`, or raise 429 with the wait in Retry-After."""
+    def check(self, key: str, what: str = "login attempts from this address") -> None:
+        """Take one token for `key`, or raise 429 (`too many <what>`) with the wait in
+        Retry-After."""
+        self._take(key, what, spend=True)
+
+    def require(self, key: str, what: str) -> None:
+        """Raise 429 like `check` when `key` has no token left, but take none: for limits that
+        count only some outcomes (`spend` them once known)."""
+        self._take(key, what, spend=False)
+
+    def spend(self, key: str) -> None:
+        """Take one token for `key`, even the last (the bucket may go below zero: the next
+        attempts then wait longer)."""
         now = time.monotonic()
         with self._lock:
-            tokens, updated = self._buckets.get(key, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - updated) * self.rate)
+            tokens = self._refilled(key, now)
+            self._buckets[key] = (max(tokens - 1.0, -self.burst), now)
+            if len(self._buckets) > self.max_keys:
+                self._forget_full(now)
+
+    def _refilled(self, key: str, now: float) -> float:
+        tokens, updated = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - updated) * self.rate)
+
+    def _take(self, key: str, what: str, spend: bool) -> None:
+        now = time.monotonic()
+        with self._lock:
+            tokens = self._refilled(key, now)
             if tokens < 1.0:
                 self._buckets[key] = (tokens, now)
                 wait = max(1, round((1.0 - tokens) / self.rate + 0.5))
-                raise HTTPError(429, "too_many_requests",
-                                f"too many login attempts from this address; retry in {wait} s",
+                raise HTTPError(429, "too_many_requests", f"too many {what}; retry in {wait} s",
                                 headers=(("Retry-After", str(wait)),))
+            if not spend:
+                return
             self._buckets[key] = (tokens - 1.0, now)
             if len(self._buckets) > self.max_keys:
                 self._forget_full(now)

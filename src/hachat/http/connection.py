@@ -4,8 +4,9 @@ Everything here runs on the loop thread, except `_run_blocking` (a worker thread
 calls the handler and hands the result back with `call_soon_threadsafe`.
 
 Requests are parsed ahead (pipelining) into `_pending`, but handled one at a time and answered
-strictly in order. After a request that breaks the rules nothing more is parsed: the requests
-before it are answered, then the error (with `Connection: close`), then the connection closes.
+strictly in order; reading pauses while 32 of them, or 64 KiB of them, wait. After a request
+that breaks the rules nothing more is parsed: the requests before it are answered, then the
+error (with `Connection: close`), then the connection closes.
 
 End of input (the client's FIN) means the client will send nothing more, not that it stopped
 reading: a client may half-close (`shutdown(SHUT_WR)`) once its request is out, and curl,
@@ -50,6 +51,9 @@ log = logging.getLogger("hachat.http")
 
 PIPELINE_MAX = 32  # parsed-ahead requests per connection before we stop reading
 PIPELINE_RESUME = 8
+# ... or parsed-ahead bytes (bodies and header blocks): 32 requests of MAX_BODY_BYTES each
+# would hold megabytes per connection.
+PIPELINE_MAX_BYTES = 64 * 1024
 LINGER_SECONDS = 2.0  # after an error response: wait this long for the client's FIN
 LINGER_MAX_BYTES = 1 << 20  # ... discarding at most this much input
 CHUNK_LINE_MAX = 4096  # a chunk-size line (with any extensions) the server reads, at most
@@ -123,12 +127,15 @@ class Connection:
         "_url", "_headers", "_not_utf8", "_hbytes", "_mraw", "_body", "_blen", "_chunked", "_ndone",
         "_chunk_open", "_chunk_new", "_chunk_got", "_ctail", "_ctail_len",
         "_in_headers", "_msg_active", "_want_continue", "_reject", "_method", "_version",
+        "_held",
         "_keep_alive", "_target", "_path", "_query",
         # requests and responses
-        "_pending", "_error", "_paused", "_current", "_parked",
+        "_pending", "_sizes", "_queued", "_error", "_paused", "_current", "_parked",
         "_eof", "_linger", "_discarded", "_out",
         # timer heap entry
         "deadline", "_heap_when",
+        # the peer address the server counts this connection against (None: not counted)
+        "peer_host",
     )
 
     def __init__(self, server: HTTPServer, sock: socket.socket, addr: Any) -> None:
@@ -158,9 +165,13 @@ class Connection:
         self._body: list[bytes] | None = None
         self._in_headers = self._msg_active = self._want_continue = False
         self._reject: HTTPError | None = None
+        # a request that offered an Upgrade, whose body is still to come (see `_parse`)
+        self._held: Request | None = None
         self._method = self._version = self._target = self._path = self._query = ""
         self._keep_alive = True
         self._pending: deque[Request] = deque()
+        self._sizes: deque[int] = deque()  # the bytes each of `_pending` holds
+        self._queued = 0  # their sum
         self._error: HTTPError | None = None
         self._paused = self._eof = self._linger = False
         self._current: Request | None = None
@@ -169,6 +180,7 @@ class Connection:
         self._out: bytearray | None = None
         self.deadline: float | None = None
         self._heap_when: float | None = None
+        self.peer_host: str | None = None
 
     def __repr__(self) -> str:
         return f"<Connection fd={self.fd} {self.state.name} {self._addr!r}>"
@@ -250,6 +262,10 @@ class Connection:
             if te.lower() != "chunked":
                 self._fail_parse(501, "unsupported_transfer_coding",
                                  "only Transfer-Encoding: chunked is supported")
+            if parser.should_upgrade():  # see `_parse`: only a Content-Length body is read
+                self._fail_parse(400, "bad_request",
+                                 "a chunked body with an Upgrade offer is not supported; send "
+                                 "it without the Upgrade header")
             has_body = True
             self._chunked = True
         elif cl is not None:
@@ -262,8 +278,6 @@ class Connection:
             has_body = length > 0
         else:
             has_body = False
-        if parser.should_upgrade():
-            self._fail_parse(400, "bad_request", "protocol upgrades are not supported")
         raw_method = parser.get_method()
         method = _METHODS.get(raw_method)
         if method is None:
@@ -319,12 +333,29 @@ class Connection:
         self._body = None
         self._msg_active = self._want_continue = False
         self._ndone += 1
-        headers = self._headers
-        if self._not_utf8:
-            headers = Headers(headers)
-        self._pending.append(Request(
-            self._method, self._target, self._path, self._query, headers, body,
-            self._version, self._addr, self._keep_alive))
+        held = self._held
+        if held is not None:  # the body of a request that offered an Upgrade (`_parse`)
+            self._held = None
+            held.body = body
+            request = held
+        else:
+            headers = self._headers
+            if self._not_utf8:
+                headers = Headers(headers)
+            request = Request(self._method, self._target, self._path, self._query, headers,
+                              body, self._version, self._addr, self._keep_alive)
+        self._pending.append(request)
+        size = len(body) + self._hbytes
+        self._sizes.append(size)
+        self._queued += size
+        self._server._queued_bytes += size
+
+    def _drop_pending(self) -> None:
+        """Forget the parsed-ahead requests (they will not be answered)."""
+        self._pending.clear()
+        self._sizes.clear()
+        self._server._queued_bytes -= self._queued
+        self._queued = 0
 
     def _fail_parse(self, status: int, code: str, message: str) -> None:
         self._reject = HTTPError(status, code, message, close=True)
@@ -365,8 +396,8 @@ class Connection:
         done_before = self._ndone
         self._chunk_new = False
         try:
-            self._parser.feed_data(data)
-        except HttpParserError as exc:  # includes HttpParserUpgrade and callback errors
+            self._parse(data)
+        except HttpParserError as exc:  # includes callback errors
             err = self._reject or _parser_error(exc)
             self._reject = None
             self._fail(err)
@@ -390,12 +421,45 @@ class Connection:
                                              "chunked request body too large", close=True))
                     else:
                         self._check_chunk_size(self._server._rbuf, n)
-            if len(self._pending) >= PIPELINE_MAX and not self._paused:
+            if not self._paused and (len(self._pending) >= PIPELINE_MAX
+                                     or self._queued > PIPELINE_MAX_BYTES):
                 self._paused = True
                 self._update_mask()
         st = self.state
         if st is IDLE or st is READING:
             self._pump()
+
+    def _parse(self, data: memoryview) -> None:
+        """Feed the parser. A request offering a protocol upgrade (`Upgrade: h2c`, from
+        `curl --http2`, or `websocket`) is served as HTTP/1.1, as a server may (RFC 9110, 7.8),
+        and the connection goes on in HTTP/1.1. llhttp ends such a request at its header block
+        and stops (HttpParserUpgrade): a fresh parser takes the rest, and a Content-Length
+        body is read by it as the body of a stand-in head (`on_message_complete` gives it
+        to the held request). A chunked body with an Upgrade offer was refused earlier."""
+        while True:
+            try:
+                self._parser.feed_data(data)
+                return
+            except HttpParserUpgrade as exc:
+                offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+                if not self._pending:
+                    raise
+                self._parser = HttpRequestParser(self)
+                request = self._pending[-1]
+                # plain dict reads: these two are ASCII if they are anything we act on
+                length = int(dict.get(request.headers, "content-length") or 0)
+                if length:
+                    self._pending.pop()
+                    size = self._sizes.pop()
+                    self._queued -= size
+                    self._server._queued_bytes -= size
+                    self._held = request
+                    expect = dict.get(request.headers, "expect")
+                    self._parser.feed_data(
+                        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n%s\r\n"
+                        % (length, b"Expect: 100-continue\r\n" if expect is not None
+                           and expect.lower() == "100-continue" else b""))
+                data = data[offset:]
 
     def _check_chunk_size(self, buf: bytearray, n: int) -> None:
         """Refuse a chunked body as soon as its declared sizes pass the limit (413), not once
@@ -542,7 +606,11 @@ class Connection:
                 return
             if pending:
                 req = pending.popleft()
-                if self._paused and len(pending) <= PIPELINE_RESUME:
+                size = self._sizes.popleft()
+                self._queued -= size
+                server._queued_bytes -= size
+                if self._paused and len(pending) <= PIPELINE_RESUME and (
+                        self._queued <= PIPELINE_MAX_BYTES // 2):
                     self._paused = False
                     self._update_mask()
                 self._set(HANDLING)
@@ -700,7 +768,7 @@ class Connection:
         except OSError:
             self._close()
             return
-        self._pending.clear()
+        self._drop_pending()
         self._msg_active = False
         self._paused = False
         self._update_mask()
@@ -794,7 +862,7 @@ class Connection:
         if st is IDLE or st is WRITING or st is CLOSING:
             self._close()  # idle keep-alive, stalled reader, or lingering: silently
         elif st is READING:
-            self._pending.clear()
+            self._drop_pending()
             self._error = None
             self._msg_active = False
             self._send_final(HTTPError(408, "request_timeout",
@@ -843,7 +911,7 @@ class Connection:
         self._loop.unregister(self.fd)
         with contextlib.suppress(OSError):
             self._sock.close()
-        self._pending.clear()
+        self._drop_pending()
         self._out = None
         self._current = None
         self._parser = None  # break the parser <-> connection cycle

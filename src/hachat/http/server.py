@@ -11,13 +11,17 @@ connections and parked long-polls cost no thread.
 
 Each connection is a file descriptor. `bind` fits the connection limit to the process's
 open-file limit (`fit_open_files`); past the limit, new connections wait in the kernel's
-backlog until one closes. Should accept() still run out of descriptors (EMFILE: the database or
-anything else took more than the reserve), accepting pauses with a growing back-off and
-resumes as soon as a connection closes; the connections already open are served meanwhile.
+backlog until one closes. One address may hold at most `max_connections_per_address` of them
+(loopback, a proxy on this machine, is not counted): past it a new connection gets a 503 and is
+closed, so one client cannot take every slot. Should accept() still run out of descriptors
+(EMFILE: the database or anything else took more than the reserve), accepting pauses with a
+growing back-off and resumes as soon as a connection closes; the connections already open are
+served meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -27,10 +31,11 @@ import threading
 import time
 from typing import Any
 
+from hachat.http.addresses import client_key, is_loopback
 from hachat.http.connection import Connection
 from hachat.http.loop import EV_READ, EventLoop
-from hachat.http.messages import Application
-from hachat.http.wire import date_line
+from hachat.http.messages import Application, HTTPError
+from hachat.http.wire import CONN_CLOSE, date_line, render
 from hachat.http.workers import WorkerPool
 from hachat.settings import HTTPSettings
 
@@ -105,6 +110,9 @@ class HTTPServer:
         self._parked = 0
         self._served = 0
         self._in_flight = 0
+        self._queued_bytes = 0  # bytes of requests parsed ahead, not yet handled (all conns)
+        self._per_address: dict[str, int] = {}  # open connections per counted peer address
+        self._refused = 0  # connections refused for their address's limit
         self._accepted = 0
         # lifecycle
         self._lock = threading.RLock()
@@ -209,6 +217,8 @@ class HTTPServer:
             "parked": self._parked,
             "requests": self._served,
             "in_flight": self._in_flight,
+            "refused": self._refused,
+            "queued_bytes": self._queued_bytes,
             "accepted": self._accepted,
             "timers": self._loop.pending_timers(),
             "closing": self._closing,
@@ -255,6 +265,7 @@ class HTTPServer:
         loop = self._loop
         header_deadline = loop.time() + self.settings.header_timeout
         cap = self._max_conns
+        per_address = self.settings.max_connections_per_address
         for _ in range(ACCEPT_BATCH):
             if len(conns) >= cap:
                 # Full: leave the rest in the kernel's backlog until a connection closes.
@@ -289,6 +300,8 @@ class HTTPServer:
                 continue
             self._accepted += 1
             conn._set_deadline(header_deadline)
+            if per_address and not self._admit(conn, addr, per_address):
+                conn._close()
 
     def _accept_failed(self, exc: OSError) -> None:
         """accept() ran out of descriptors or memory: the client stays in the backlog. Pause
@@ -324,8 +337,36 @@ class HTTPServer:
         self._accepting = True
         self._loop.modify(listener.fileno(), EV_READ)
 
+    def _admit(self, conn: Connection, addr: Any, limit: int) -> bool:
+        """Count `conn` against its peer address (IPv6: its /64): False (after a 503 to it)
+        when that address already holds `limit` connections. Loopback peers are not
+        counted."""
+        host = addr[0] if isinstance(addr, tuple) and addr else None
+        if host is None or is_loopback(host):
+            return True
+        host = client_key(host)  # an IPv6 client by its /64
+        held = self._per_address.get(host, 0)
+        if held >= limit:
+            self._refused += 1
+            response = HTTPError(503, "too_many_connections",
+                                 f"this address has {held} connections open, the most "
+                                 "allowed; close one or retry later",
+                                 headers=(("Retry-After", "1"),), close=True).to_response()
+            with contextlib.suppress(OSError):
+                conn._sock.send(render(response, False, CONN_CLOSE, self._date))
+            return False
+        self._per_address[host] = held + 1
+        conn.peer_host = host
+        return True
+
     def _forget(self, conn: Connection) -> None:
         self._conns.pop(conn.fd, None)
+        host = conn.peer_host
+        if host is not None:
+            conn.peer_host = None
+            held = self._per_address.pop(host, 1) - 1
+            if held > 0:
+                self._per_address[host] = held
         if (self._at_capacity or self._accept_timer is not None) and (
                 len(self._conns) < self._max_conns):
             self._resume_accepting()  # a descriptor and a slot are free

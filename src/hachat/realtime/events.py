@@ -19,7 +19,7 @@ class Event:
     kind: str
     group_id: int | None
     target_user_id: int | None
-    payload: dict
+    payload: dict | None  # None: stored data that could not be read back
     created_at: str
 
     def to_json_obj(self) -> dict[str, Any]:
@@ -30,6 +30,8 @@ class Event:
             "data": self.payload,
             "createdAt": self.created_at,
         }
+        if self.payload is None:  # stored data that could not be read back
+            obj["unreadable"] = True
         if self.target_user_id is not None:
             obj["userId"] = self.target_user_id
         return obj

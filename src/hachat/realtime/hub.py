@@ -61,7 +61,8 @@ _consume = deque(maxlen=0).extend  # run an iterator to its end, in C
 # but its row may or may not be stored, and the hub never holds its event.
 _UNCERTAIN = object()
 
-_RENDER_FAILED = Response(500, dumps({"error": "internal", "message": "could not render events"}))
+_RENDER_FAILED = Response(500, dumps({"error": "internal_error",
+                                      "message": "could not render events"}))
 
 
 @dataclass(frozen=True, slots=True)

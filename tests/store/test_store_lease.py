@@ -205,6 +205,11 @@ def test_takeover_waits_for_writer_in_flight(db):
     def takeover() -> None:
         try:
             results["epoch"] = try_acquire(db, "b", URL_B, 30.0)
+            # What the takeover finds right after it: the old epoch's write, committed. (The
+            # two threads' appends to `order` may land either way round once both are done.)
+            with db.read() as s:
+                results["floor_after_takeover"] = s.execute(
+                    text("SELECT floor FROM stream_meta")).scalar()
             order.append("takeover done")
         except BaseException as exc:  # noqa: BLE001 - checked below
             results["takeover"] = exc
@@ -221,7 +226,8 @@ def test_takeover_waits_for_writer_in_flight(db):
     w.join(20)
     t.join(20)
     assert "writer" not in results and "takeover" not in results, results
-    assert order == ["writer committed", "takeover done"]
+    assert sorted(order) == ["takeover done", "writer committed"]
+    assert results["floor_after_takeover"] == 7  # the takeover waited for the writer
     assert results["epoch"] == epoch_a + 1
     with db.read() as s:
         assert s.execute(text("SELECT floor FROM stream_meta")).scalar() == 7

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -189,3 +190,70 @@ class ChatUser:
 
     def __call__(self, method: str, path: str, body: Any = None, **kw: Any) -> Reply:
         return call(self.base, method, path, body, token=self.token, **kw)
+
+
+class EventFollower:
+    """Follows a user's `GET /events` from `cursor` on a thread, in one-second polls, until
+    `stop()`, which returns every event that arrived, in order (and fails on any non-200)."""
+
+    def __init__(self, user: ChatUser, cursor: int) -> None:
+        self.user = user
+        self.cursor = cursor
+        self.events: list[dict] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> EventFollower:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[dict]:
+        self._stop.set()
+        self._thread.join(10)
+        assert not self.failures, self.failures
+        return self.events
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            reply = self.user("GET", f"/events?since={self.cursor}&timeout=1", timeout=10)
+            if reply.status != 200:
+                self.failures.append(reply.raw)
+                return
+            self.events.extend(reply.json["events"])
+            self.cursor = reply.json["cursor"]
+
+
+class HeldNotify:
+    """PostgreSQL: a `POST /notify` held in flight, so that later writes commit before it.
+
+    A row inserted in an open transaction takes the node's next stream position first; the
+    notify then gets that position and waits on the row's key. `release()` rolls the row
+    back, lets the notify commit and returns its reply. `position` is the held position."""
+
+    def __init__(self, engine: Any, node_url: str, user: ChatUser, group_id: int,
+                 message: Any, admin_token: str = "admin-secret") -> None:
+        self._next = lambda: call(node_url, "GET", "/stats", token=admin_token
+                                  ).json["hub"]["next_position"]
+        self.position = self._next()
+        from sqlalchemy import text
+
+        self._blocker = engine.connect()
+        self._blocker.execute(text(
+            "INSERT INTO events (position, kind, payload, created_at, epoch) "
+            "VALUES (:p, 'test.hold', '{}', now(), 0)"), {"p": self.position})
+        self._reply: dict[str, Reply] = {}
+        self._thread = threading.Thread(target=lambda: self._reply.setdefault(
+            "reply", user("POST", f"/notify/{group_id}", {"message": message})))
+        self._thread.start()
+        deadline = time.monotonic() + 5
+        while self._next() == self.position and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the notify has taken the position
+
+    def release(self) -> Reply | None:
+        if self._blocker is not None:
+            self._blocker.rollback()
+            self._blocker.close()
+            self._blocker = None
+        self._thread.join(10)
+        return self._reply.get("reply")

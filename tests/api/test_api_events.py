@@ -7,9 +7,9 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 
-from support import ChatUser, call
+from support import ChatUser, EventFollower, HeldNotify, call
 
 
 def _follow(user, cursor, want, deadline=20.0):
@@ -297,22 +297,10 @@ def test_a_notify_event_id_is_a_cursor_while_an_earlier_write_is_still_in_flight
     ana = ChatUser(api_node.url, unique("nf"))
     slow_gid = ana("POST", "/groups", {"name": "slow"}).json["id"]
     gid = ana("POST", "/groups", {"name": "fast"}).json["id"]
-    hub = call(api_node.url, "GET", "/stats", token="admin-secret").json["hub"]
-    held = hub["next_position"]
     engine = create_engine(backend_url)
-    blocker = engine.connect()
+    slow = HeldNotify(engine, api_node.url, ana, slow_gid, "slow")
+    held = slow.position
     try:
-        blocker.execute(text(
-            "INSERT INTO events (position, kind, payload, created_at, epoch) "
-            "VALUES (:p, 'test.hold', '{}', now(), 0)"), {"p": held})
-        slow: dict = {}
-        first = threading.Thread(target=lambda: slow.setdefault(
-            "reply", ana("POST", f"/notify/{slow_gid}", {"message": "slow"})))
-        first.start()
-        deadline = time.monotonic() + 5
-        while call(api_node.url, "GET", "/stats", token="admin-secret"
-                   ).json["hub"]["next_position"] == held and time.monotonic() < deadline:
-            time.sleep(0.01)
         fast = ana("POST", f"/notify/{gid}", {"message": "fast"})
         assert fast.status == 200 and fast.json["eventId"] == held + 1, fast.raw
         cursor = fast.json["eventId"]
@@ -325,11 +313,9 @@ def test_a_notify_event_id_is_a_cursor_while_an_earlier_write_is_still_in_flight
         poll.start()
         time.sleep(0.3)
     finally:
-        blocker.rollback()
-        blocker.close()
+        slow_reply = slow.release()
         engine.dispose()
-    first.join(10)
-    assert slow["reply"].status == 200 and slow["reply"].json["eventId"] == held
+    assert slow_reply.status == 200 and slow_reply.json["eventId"] == held
     later = ana("POST", f"/notify/{gid}", {"message": "later"}).json["eventId"]
     poll.join(10)
     reply = parked["reply"]
@@ -346,18 +332,7 @@ def test_an_event_delivered_live_is_the_event_replayed_later(api_node, unique):
     ana = ChatUser(api_node.url, unique("ts"))
     gid = ana("POST", "/groups", {"name": "stamps"}).json["id"]
     start = ana("GET", "/events").json["cursor"]
-    live: list[dict] = []
-    stop = threading.Event()
-
-    def follow() -> None:
-        cursor = start
-        while not stop.is_set():
-            reply = ana("GET", f"/events?since={cursor}&timeout=1", timeout=10)
-            live.extend(reply.json["events"])
-            cursor = reply.json["cursor"]
-
-    follower = threading.Thread(target=follow)
-    follower.start()
+    follower = EventFollower(ana, start).start()
     time.sleep(0.2)
     for i in range(400):
         if i % 4 == 0:
@@ -367,8 +342,7 @@ def test_an_event_delivered_live_is_the_event_replayed_later(api_node, unique):
     created = ana("POST", "/groups", {"name": "more", "memberIds": []}).json["id"]
     assert ana("POST", f"/groups/{created}/members", {"userId": ana.id}).status == 200
     time.sleep(1.5)
-    stop.set()
-    follower.join(10)
+    live = follower.stop()
     replay, _ = _follow(ana, start, lambda ev: len(ev) >= len(live), deadline=10)
     assert len(live) == 401 and [e["id"] for e in replay] == [e["id"] for e in live]
     differ = [(a["id"], a["createdAt"], b["createdAt"]) for a, b in zip(live, replay, strict=True)

@@ -3,8 +3,6 @@ node, a retried post is stored once, and follow() yields every event once, in or
 
 from __future__ import annotations
 
-import contextlib
-import select
 import signal
 import socket
 import threading
@@ -15,6 +13,7 @@ import pytest
 from harness import Ack, check_no_loss_no_dup_no_split, stored_messages
 
 from hachat.client import ClientError, HachatClient
+from tapped_relay import TappedRelay
 
 PASSWORD = "password123"
 
@@ -125,59 +124,22 @@ def test_kill_9_mid_stream_nothing_lost_nothing_twice(pair, wait_for):
     assert len({a.epoch for a in acks}) == 2
 
 
-class AnswerEater:
+class AnswerEater(TappedRelay):
     """A TCP relay to a node that forwards the request but never the answer: when the node's
     answer arrives it calls `on_answer` (e.g. kill -9 the node), then drops the connection. It
     does this once; later connections are relayed both ways."""
 
     def __init__(self, target_port: int, on_answer) -> None:
-        self.target = ("127.0.0.1", target_port)
+        super().__init__(target_port, backlog=16)
         self.on_answer = on_answer
-        self.eaten = threading.Event()
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
+    def relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        for s, data in self.chunks(client, upstream, idle=5):
+            if s is upstream and not self.eaten.is_set():
+                self.eaten.set()
+                self.on_answer()
                 return
-            threading.Thread(target=self._pump, args=(client,), daemon=True).start()
-
-    def _pump(self, client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(self.target, timeout=2)
-        except OSError:
-            client.close()
-            return
-        try:
-            while True:
-                ready, _, _ = select.select([client, upstream], [], [], 5)
-                if not ready:
-                    return
-                for s in ready:
-                    data = s.recv(65536)
-                    if not data:
-                        return
-                    if s is upstream and not self.eaten.is_set():
-                        self.eaten.set()
-                        self.on_answer()
-                        return
-                    (upstream if s is client else client).sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (client, upstream):
-                with contextlib.suppress(OSError):
-                    s.close()
+            (upstream if s is client else client).sendall(data)
 
 
 @pytest.mark.parametrize("kill_active", [True, False], ids=["active-killed", "active-alive"])

@@ -3,11 +3,9 @@ carries on through a kill -9 of the active node."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import re
-import select
 import signal
 import socket
 import threading
@@ -19,6 +17,7 @@ from harness import Ack, check_no_loss_no_dup_no_split, stored_messages
 
 from hachat.client import ClientError, HachatClient
 from support import call
+from tapped_relay import TappedRelay
 
 PASSWORD = "password123"
 _REQUEST_LINE = re.compile(rb"[A-Z]+ /\S* HTTP/1\.[01]\r\n")
@@ -132,63 +131,23 @@ def test_haproxy_answers_json_503_when_no_node_is_ready(pair, haproxy, wait_for)
     assert err.value.status == 503 and err.value.code == "not_active"
 
 
-class PostAnswerEater:
+class PostAnswerEater(TappedRelay):
     """A TCP relay in front of a node that, once, swallows the node's answer to a
     `POST /messages` and closes the connection (HAProxy sees an empty response after the write
     was carried out). Everything else is relayed both ways."""
 
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
-        self.eaten = threading.Event()
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._pump, args=(client,), daemon=True).start()
-
-    def _pump(self, client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(self.target, timeout=2)
-        except OSError:
-            client.close()
-            return
+    def relay(self, client: socket.socket, upstream: socket.socket) -> None:
         posting = False
-        try:
-            while True:
-                ready, _, _ = select.select([client, upstream], [], [], 30)
-                if not ready:
-                    return
-                for s in ready:
-                    data = s.recv(65536)
-                    if not data:
-                        return
-                    if s is client:
-                        if _REQUEST_LINE.match(data):  # a request head, not a body
-                            posting = data.startswith(b"POST /messages ")
-                        upstream.sendall(data)
-                    elif posting and not self.eaten.is_set():
-                        self.eaten.set()
-                        return  # the answer is lost: close both sides
-                    else:
-                        client.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (client, upstream):
-                with contextlib.suppress(OSError):
-                    s.close()
+        for s, data in self.chunks(client, upstream):
+            if s is client:
+                if _REQUEST_LINE.match(data):  # a request head, not a body
+                    posting = data.startswith(b"POST /messages ")
+                upstream.sendall(data)
+            elif posting and not self.eaten.is_set():
+                self.eaten.set()
+                return  # the answer is lost: close both sides
+            else:
+                client.sendall(data)
 
 
 @pytest.mark.parametrize("fresh_db", ["sqlite"], indirect=True)

@@ -127,30 +127,25 @@ class Node:
     # -- transitions ----------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call `listener(old, new, node)` after every transition; returns an unsubscribe."""
-        with self._lock:
-            self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
-
-        return unsubscribe
+        return self._add_callback(self._listeners, listener)
 
     def watch(self, watcher: Watcher) -> Callable[[], None]:
         """Call `watcher(node)` whenever what `snapshot()` reports changes without a
         transition: the leader or the epoch learnt from the lease row or from the peer's
         /health. Called from the thread that learnt it, serialised with the transitions'
         listeners. Returns an unwatch."""
+        return self._add_callback(self._watchers, watcher)
+
+    def _add_callback(self, callbacks: list, callback: Callable) -> Callable[[], None]:
         with self._lock:
-            self._watchers.append(watcher)
+            callbacks.append(callback)
 
-        def unwatch() -> None:
+        def remove() -> None:
             with self._lock:
-                if watcher in self._watchers:
-                    self._watchers.remove(watcher)
+                if callback in callbacks:
+                    callbacks.remove(callback)
 
-        return unwatch
+        return remove
 
     def transition(self, new: Role, reason: str, epoch: int | None = None, *,
                    only_from: Role | None = None, only_epoch: int | None = None,

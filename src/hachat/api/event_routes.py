@@ -8,6 +8,7 @@ from hachat.api.chat_routes import _group_id_from_path, _member_or_403
 from hachat.api.context import ApiContext
 from hachat.api.errors import invalid_field, not_found
 from hachat.api.params import Params
+from hachat.api.views import iso
 from hachat.api.writes import fenced_write, reading, require_active
 from hachat.http.messages import Deferred, HTTPError, Request, Response, dumps
 from hachat.realtime.events import Event
@@ -43,8 +44,6 @@ def _encodable(event: Event) -> dict:
 
 
 def _row_to_event(row) -> Event:
-    from hachat.api.views import iso
-
     try:
         payload = row.payload_dict()
     except _UNREADABLE:

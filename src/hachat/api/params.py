@@ -231,10 +231,8 @@ def _is_unicode(text: str) -> bool:
 def _require_unicode(name: str, value: str) -> None:
     """JSON's `\\ud800` escapes decode to lone surrogates: valid JSON, but no text that UTF-8
     (the database, a password hash) can hold."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise invalid_field(name, f"'{name}' is not valid Unicode text") from None
+    if not _is_unicode(value):
+        raise invalid_field(name, f"'{name}' is not valid Unicode text")
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

@@ -17,18 +17,12 @@ from typing import Any
 
 from hachat.api.context import ApiContext
 from hachat.api.errors import database_unavailable, not_active
+from hachat.api.views import iso
 from hachat.cluster.node import NotActive
 from hachat.realtime.events import Event
 from hachat.store import Fenced, StoreUnavailable
 from hachat.store import events as event_store
 from hachat.store.lease import assert_holder
-
-
-def iso_of(moment: datetime) -> str:
-    """`moment` (aware) as the API writes it: ISO 8601 UTC to the millisecond, with a 'Z'.
-    The same text as an event read back from its row (`views.iso`)."""
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
 
 
 class StreamWriter:
@@ -47,7 +41,7 @@ class StreamWriter:
         # the database gives the very same event.
         moment = datetime.now(timezone.utc)
         # Registered before the insert so an insert failure still abandons the position.
-        event = Event(ticket.position, kind, group_id, target_user_id, payload, iso_of(moment))
+        event = Event(ticket.position, kind, group_id, target_user_id, payload, iso(moment))
         self.pending.append((ticket, event))
         event_store.append_event(self.session, ticket.position, kind, group_id, target_user_id,
                                  payload, self.epoch, created_at=moment)
@@ -58,7 +52,7 @@ class StreamWriter:
         """`emit` for many `(kind, group_id, target_user_id, payload)`: positions in list
         order, rows inserted as one batch."""
         moment = datetime.now(timezone.utc)  # the rows' created_at and the events' createdAt
-        stamp = iso_of(moment)
+        stamp = iso(moment)
         events: list[Event] = []
         rows = []
         for kind, group_id, target, payload in items:

@@ -14,7 +14,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from hachat.cluster.roles import InvalidTransition, Role, allowed
@@ -211,32 +212,29 @@ class Node:
     def observe_lease(self, holder: str | None, holder_url: str | None,
                       epoch: int | None) -> None:
         """What the lease row says (holder None when it is free or expired)."""
-        with self._order:
-            with self._lock:
-                before = self._reported_locked()
-                self._lease_holder = holder
-                self._lease_holder_url = holder_url if holder else None
-                if self._role is not Role.ACTIVE and epoch is not None and epoch > self._epoch:
-                    self._epoch = epoch
-                watchers = self._changed_watchers_locked(before)
-            self._notify_watchers(watchers)
+        with self._observing():
+            self._lease_holder = holder
+            self._lease_holder_url = holder_url if holder else None
+            if self._role is not Role.ACTIVE and epoch is not None and epoch > self._epoch:
+                self._epoch = epoch
 
     def observe_peer(self, report: dict[str, Any] | None) -> None:
         """The peer's last /health answer (None when it did not answer)."""
+        with self._observing():
+            self._peer_active = bool(report and report.get("status") == "alive"
+                                     and report.get("active") is True)
+
+    @contextmanager
+    def _observing(self) -> Iterator[None]:
+        """Run the body under the state lock, in order with the transitions; tell the
+        watchers afterwards if what `snapshot()` reports (the epoch, the leader) changed."""
         with self._order:
             with self._lock:
-                before = self._reported_locked()
-                self._peer_active = bool(report and report.get("status") == "alive"
-                                         and report.get("active") is True)
-                watchers = self._changed_watchers_locked(before)
+                before = self._epoch, self._leader_locked()
+                yield
+                changed = (self._epoch, self._leader_locked()) != before
+                watchers = list(self._watchers) if changed else []
             self._notify_watchers(watchers)
-
-    def _reported_locked(self) -> tuple[int, str | None]:
-        """What the observations can change in `snapshot()`: the epoch and the leader."""
-        return self._epoch, self._leader_locked()
-
-    def _changed_watchers_locked(self, before: tuple[int, str | None]) -> list[Watcher]:
-        return list(self._watchers) if self._reported_locked() != before else []
 
     def _notify_watchers(self, watchers: list[Watcher]) -> None:
         for watcher in watchers:

@@ -347,15 +347,18 @@ class Connection:
         self._pending.append(request)
         size = len(body) + self._hbytes
         self._sizes.append(size)
-        self._queued += size
-        self._server._queued_bytes += size
+        self._count_queued(size)
+
+    def _count_queued(self, delta: int) -> None:
+        """Parsed-ahead bytes came (+) or went (-): this connection's and the server's sums."""
+        self._queued += delta
+        self._server._queued_bytes += delta
 
     def _drop_pending(self) -> None:
         """Forget the parsed-ahead requests (they will not be answered)."""
         self._pending.clear()
         self._sizes.clear()
-        self._server._queued_bytes -= self._queued
-        self._queued = 0
+        self._count_queued(-self._queued)
 
     def _fail_parse(self, status: int, code: str, message: str) -> None:
         self._reject = HTTPError(status, code, message, close=True)
@@ -450,9 +453,7 @@ class Connection:
                 length = int(dict.get(request.headers, "content-length") or 0)
                 if length:
                     self._pending.pop()
-                    size = self._sizes.pop()
-                    self._queued -= size
-                    self._server._queued_bytes -= size
+                    self._count_queued(-self._sizes.pop())
                     self._held = request
                     expect = dict.get(request.headers, "expect")
                     self._parser.feed_data(
@@ -606,9 +607,7 @@ class Connection:
                 return
             if pending:
                 req = pending.popleft()
-                size = self._sizes.popleft()
-                self._queued -= size
-                server._queued_bytes -= size
+                self._count_queued(-self._sizes.popleft())
                 if self._paused and len(pending) <= PIPELINE_RESUME and (
                         self._queued <= PIPELINE_MAX_BYTES // 2):
                     self._paused = False

@@ -140,3 +140,18 @@ def test_versions_count_from_the_first_version_given(loop):
     other = Parked(loop, watch.wait(2, 30, StatusRender()))
     assert body(other.response(1))["changed"] is True
     assert process_first_version() > first  # a later process starts further on
+
+
+def test_a_render_failure_answers_the_documented_internal_error(loop):
+    """Regression: a status render failure answered error "internal", where every other 500
+    (and docs/API.md) says "internal_error"."""
+    watch = StatusWatch(loop)
+
+    def bad(state, version, changed):
+        raise RuntimeError("render bug")
+
+    parked = Parked(loop, watch.wait(1, 30, bad))
+    watch.publish({"role": "active"})
+    response = parked.response(2)
+    assert response.status == 500
+    assert body(response)["error"] == "internal_error"

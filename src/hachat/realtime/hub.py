@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
-from hachat.http.messages import Deferred, LoopHandle, Response, dumps
+from hachat.http.messages import Deferred, LoopHandle, Response
+from hachat.http.wire import internal_error
 
 from .events import Event
 
@@ -60,10 +61,6 @@ _consume = deque(maxlen=0).extend  # run an iterator to its end, in C
 # A position whose transaction's outcome is unknown (the COMMIT's answer was lost): completed,
 # but its row may or may not be stored, and the hub never holds its event.
 _UNCERTAIN = object()
-
-_RENDER_FAILED = Response(500, dumps({"error": "internal_error",
-                                      "message": "could not render events"}))
-
 
 @dataclass(frozen=True, slots=True)
 class Ticket:
@@ -472,7 +469,7 @@ class EventHub:
                 response = w.render([], w.since)
             except Exception:
                 log.exception("render failed")
-                response = _RENDER_FAILED
+                response = internal_error()
             w.deferred.resolve(response)
 
     def _fanout(self) -> None:
@@ -618,7 +615,7 @@ class _Delivery:
             return render(self.events, self.events[-1].position)
         except Exception:
             log.exception("render failed")
-            return _RENDER_FAILED
+            return internal_error()
 
     def deliver(self, deadline: float) -> int:
         """Answer waiters until they are all answered or `deadline` (monotonic) has passed;

@@ -17,14 +17,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hachat.http.messages import Deferred, LoopHandle, Response, dumps
+from hachat.http.messages import Deferred, LoopHandle, Response
+from hachat.http.wire import internal_error
 
 log = logging.getLogger(__name__)
 
 StatusRender = Callable[[dict, int, bool], Response]
-
-_RENDER_FAILED = Response(500, dumps({"error": "internal", "message": "could not render status"}))
-
 
 def process_first_version() -> int:
     """A first version no other process has counted through: the microseconds since the Unix
@@ -151,7 +149,7 @@ class StatusWatch:
                     response = w.render(state, version, True)
                 except Exception:
                     log.exception("render failed")
-                    response = _RENDER_FAILED
+                    response = internal_error()
                 if key is not None:
                     cache[key] = response
             w.deferred.resolve(response)

@@ -192,30 +192,47 @@ class ChatUser:
         return call(self.base, method, path, body, token=self.token, **kw)
 
 
-class EventFollower:
+class BackgroundLoop:
+    """A test's loop on a daemon thread: `start()` runs `run()`, which checks `stopping`;
+    `halt()` sets it and waits (up to `join_timeout`) for the thread to end."""
+
+    join_timeout = 10.0
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(target=self.run, daemon=True)
+
+    def start(self):  # -> the subclass
+        self._thread.start()
+        return self
+
+    def halt(self) -> None:
+        self.stopping.set()
+        self._thread.join(self.join_timeout)
+        assert not self._thread.is_alive(), f"{type(self).__name__} did not stop"
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+
+class EventFollower(BackgroundLoop):
     """Follows a user's `GET /events` from `cursor` on a thread, in one-second polls, until
     `stop()`, which returns every event that arrived, in order (and fails on any non-200)."""
 
     def __init__(self, user: ChatUser, cursor: int) -> None:
+        super().__init__()
         self.user = user
         self.cursor = cursor
         self.events: list[dict] = []
         self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> EventFollower:
-        self._thread.start()
-        return self
 
     def stop(self) -> list[dict]:
-        self._stop.set()
-        self._thread.join(10)
+        self.halt()
         assert not self.failures, self.failures
         return self.events
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def run(self) -> None:
+        while not self.stopping.is_set():
             reply = self.user("GET", f"/events?since={self.cursor}&timeout=1", timeout=10)
             if reply.status != 200:
                 self.failures.append(reply.raw)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import threading
 import time
 import uuid
 
@@ -13,35 +12,31 @@ import pytest
 from harness import Ack, check_no_loss_no_dup_no_split, stored_messages
 
 from hachat.client import ClientError, HachatClient
+from support import BackgroundLoop
 from tapped_relay import TappedRelay
 
 PASSWORD = "password123"
 
 
-class PostingLoop:
+class PostingLoop(BackgroundLoop):
     """Posts "msg n" in a thread with its own client, recording each acknowledgement."""
 
+    join_timeout = 30.0
+
     def __init__(self, client: HachatClient, group_id: int) -> None:
+        super().__init__()
         self.client = client
         self.group_id = group_id
         self.acks: list[Ack] = []
         self.errors: list[Exception] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> PostingLoop:
-        self._thread.start()
-        return self
 
     def stop(self) -> list[Ack]:
-        self._stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive()
+        self.halt()
         return self.acks
 
-    def _run(self) -> None:
+    def run(self) -> None:
         n = 0
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             n += 1
             key = f"loop-{uuid.uuid4()}"
             try:
@@ -54,29 +49,23 @@ class PostingLoop:
             time.sleep(0.01)
 
 
-class Following:
+class Following(BackgroundLoop):
     """follow() in a thread, collecting every event it yields."""
 
     def __init__(self, client: HachatClient, since: int) -> None:
+        super().__init__()
         self.client = client
+        self.since = since
         self.events: list[dict] = []
         self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(since,), daemon=True)
-
-    def start(self) -> Following:
-        self._thread.start()
-        return self
 
     def stop(self) -> list[dict]:
-        self._stop.set()
-        self._thread.join(10)  # the current long-poll (timeout 1 s) ends first
-        assert not self._thread.is_alive()
+        self.halt()  # the current long-poll (timeout 1 s) ends first
         return self.events
 
-    def _run(self, since: int) -> None:
+    def run(self) -> None:
         try:
-            for event in self.client.follow(since=since, timeout=1, stop=self._stop):
+            for event in self.client.follow(since=self.since, timeout=1, stop=self.stopping):
                 self.events.append(event)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
